@@ -1,0 +1,32 @@
+// Input validation shared by every backend: the CPU and CUDA kernels call the same checks, so a bad input
+// gets the same message on both devices.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include <vector>
+
+namespace rpn_ops {
+
+// The largest box count a kernel accepts; it keeps every index and count in int32 on the GPU.
+constexpr int64_t kMaxBoxes = (int64_t{1} << 31) - 1;
+
+// boxes: [N, 4] of float16 / bfloat16 / float32 / float64.
+void check_boxes(const at::Tensor& boxes, const char* name);
+// A finite threshold, as a double.
+void check_threshold(double threshold, const char* name);
+// max_output: absent or >= 0; returns the number of kept boxes the caller may stop at.
+int64_t max_output_or(const std::optional<int64_t>& max_output, int64_t no_limit);
+
+void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+                      const std::optional<int64_t>& max_output);
+void check_batched_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                              double iou_threshold, const std::optional<int64_t>& max_output);
+// Returns the broadcast batch shape of the two [..., N, 4] and [..., M, 4] inputs.
+std::vector<int64_t> check_box_iou_inputs(const at::Tensor& boxes1, const at::Tensor& boxes2);
+
+// float16 / bfloat16 are computed in float32; float32 and float64 in their own type.
+at::ScalarType compute_type(at::ScalarType input);
+
+}  // namespace rpn_ops

@@ -1,0 +1,76 @@
+// Pairwise IoU in one pass over the output: no [N, M, 2] temporaries. Threads over rows of the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../box_math.h"
+#include "../checks.h"
+
+namespace rpn_ops::cpu {
+namespace {
+
+// Rows of boxes1 against all of boxes2, both [batch, count, 4] contiguous of type T.
+template <typename T>
+void fill_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, at::Tensor& out) {
+  const int64_t batch = boxes1.size(0), n = boxes1.size(1), m = boxes2.size(1);
+  // boxes2 as structure of arrays with its areas, so the inner loop vectorises.
+  std::vector<T> x1(batch * m), y1(batch * m), x2(batch * m), y2(batch * m), area(batch * m);
+  const T* b2 = boxes2.data_ptr<T>();
+  for (int64_t j = 0; j < batch * m; ++j) {
+    x1[j] = b2[4 * j], y1[j] = b2[4 * j + 1], x2[j] = b2[4 * j + 2], y2[j] = b2[4 * j + 3];
+    area[j] = area_of(x1[j], y1[j], x2[j], y2[j]);
+  }
+  const T* b1 = boxes1.data_ptr<T>();
+  T* iou = out.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(m, 1));
+  at::parallel_for(0, batch * n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* a = b1 + 4 * row;
+      const T area_a = area_of(a[0], a[1], a[2], a[3]);
+      const int64_t first = (row / n) * m;
+      const T* __restrict bx1 = x1.data() + first;
+      const T* __restrict by1 = y1.data() + first;
+      const T* __restrict bx2 = x2.data() + first;
+      const T* __restrict by2 = y2.data() + first;
+      const T* __restrict barea = area.data() + first;
+      T* __restrict out_row = iou + row * m;
+      for (int64_t j = 0; j < m; ++j) {
+        out_row[j] = iou_of(a[0], a[1], a[2], a[3], area_a, bx1[j], by1[j], bx2[j], by2[j], barea[j]);
+      }
+    }
+  });
+}
+
+at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+  std::vector<int64_t> batch = check_box_iou_inputs(boxes1, boxes2);
+  const int64_t n = boxes1.size(-2), m = boxes2.size(-2);
+  const auto type = compute_type(boxes1.scalar_type());
+  std::vector<int64_t> out_shape = batch;
+  out_shape.push_back(n);
+  out_shape.push_back(m);
+  at::Tensor out = at::empty(out_shape, boxes1.options().dtype(type));
+  if (out.numel() == 0) return out;
+  auto flat = [&](const at::Tensor& boxes, int64_t count) {
+    std::vector<int64_t> shape = batch;
+    shape.push_back(count);
+    shape.push_back(4);
+    return boxes.to(type).expand(shape).reshape({-1, count, 4}).contiguous();
+  };
+  const auto b1 = flat(boxes1, n), b2 = flat(boxes2, m);
+  if (type == at::kDouble) {
+    fill_iou<double>(b1, b2, out);
+  } else {
+    fill_iou<float>(b1, b2, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rpn_ops, CPU, m) {
+  m.impl("box_iou", TORCH_FN(box_iou));
+}
+
+}  // namespace rpn_ops::cpu

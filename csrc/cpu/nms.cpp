@@ -1,0 +1,220 @@
+// CPU NMS and batched NMS: exact greedy NMS in torchvision's order and arithmetic, made fast by
+//  - a linear-time stable sort of the scores (radix sort),
+//  - spatial pruning: the boxes that can suppress anything are laid out in Morton order of their centres
+//    (within each category for batched NMS) in blocks and groups with bounds, so a kept box is compared
+//    only with the boxes near it (and of its category) instead of with every box after it,
+//  - a branch-free SIMD comparison loop compiled per instruction set (nms_greedy_*.cpp),
+//  - an early exit once max_output boxes are kept.
+#include "nms.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../box_math.h"
+#include "../checks.h"
+#include "cpu_isa.h"
+#include "isa_targets.h"
+#include "nms_greedy.h"
+#include "radix_sort.h"
+
+namespace rpn_ops::cpu {
+namespace {
+
+template <typename T>
+GreedyNms<T> greedy_for(Isa isa) {
+#if defined(RPN_OPS_X86_ISAS)
+  if (isa == Isa::avx512) return &avx512::greedy_nms<T>;
+  if (isa == Isa::avx2) return &avx2::greedy_nms<T>;
+#endif
+  return &baseline::greedy_nms<T>;
+}
+
+// Box indices by descending score, ties by ascending index: torch.sort(descending=True, stable=True).
+template <typename T>
+std::vector<int64_t> score_order(const T* scores, int64_t n) {
+  std::vector<decltype(descending_key(T{}))> keys(n);
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) {
+    keys[i] = descending_key(scores[i]);
+    order[i] = i;
+  }
+  radix_sort_pairs(keys, order);
+  return order;
+}
+
+uint32_t spread_16_bits(uint32_t v) {
+  v = (v | (v << 8)) & 0x00ff00ffu;
+  v = (v | (v << 4)) & 0x0f0f0f0fu;
+  v = (v | (v << 2)) & 0x33333333u;
+  v = (v | (v << 1)) & 0x55555555u;
+  return v;
+}
+
+// Position of a centre coordinate on a 16-bit grid over [lo, hi]; only locality matters, not exactness.
+uint32_t grid_cell(double c, double lo, double hi) {
+  const double t = hi > lo ? (c - lo) / (hi - lo) * 65535.0 : 0.0;
+  if (!(t > 0.0)) return 0;  // also NaN
+  return t >= 65535.0 ? 65535u : static_cast<uint32_t>(t);
+}
+
+// Dense category ids (0, 1, ...) preserving order, from any integer idxs.
+std::vector<int32_t> dense_categories(const at::Tensor& idxs) {
+  const auto values = idxs.to(at::kLong).contiguous();
+  const int64_t* v = values.data_ptr<int64_t>();
+  const int64_t n = values.numel();
+  std::vector<int32_t> dense(n);
+  if (n == 0) return dense;
+  const auto [lo, hi] = std::minmax_element(v, v + n);
+  const int64_t low = *lo;
+  if (static_cast<uint64_t>(*hi) - static_cast<uint64_t>(low) < (uint64_t{1} << 30)) {
+    for (int64_t i = 0; i < n; ++i) dense[i] = static_cast<int32_t>(v[i] - low);
+    return dense;
+  }
+  std::vector<int64_t> distinct(v, v + n);
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  for (int64_t i = 0; i < n; ++i) {
+    dense[i] = static_cast<int32_t>(std::lower_bound(distinct.begin(), distinct.end(), v[i]) - distinct.begin());
+  }
+  return dense;
+}
+
+template <typename T>
+struct BoundsStore {
+  std::vector<T> x1, y1, x2, y2;
+  std::vector<int32_t> category_min, category_max;
+
+  explicit BoundsStore(int64_t n)
+      : x1(n, std::numeric_limits<T>::infinity()),
+        y1(n, std::numeric_limits<T>::infinity()),
+        x2(n, -std::numeric_limits<T>::infinity()),
+        y2(n, -std::numeric_limits<T>::infinity()),
+        category_min(n + kCategoryPadding, std::numeric_limits<int32_t>::max()),
+        category_max(n + kCategoryPadding, std::numeric_limits<int32_t>::min()) {}
+
+  void include(int64_t e, T bx1, T by1, T bx2, T by2, int32_t category) {
+    x1[e] = smaller(x1[e], bx1);
+    y1[e] = smaller(y1[e], by1);
+    x2[e] = larger(x2[e], bx2);
+    y2[e] = larger(y2[e], by2);
+    category_min[e] = std::min(category_min[e], category);
+    category_max[e] = std::max(category_max[e], category);
+  }
+
+  Bounds<T> view(bool with_categories) const {
+    return {x1.data(), y1.data(), x2.data(), y2.data(), with_categories ? category_min.data() : nullptr,
+            with_categories ? category_max.data() : nullptr};
+  }
+};
+
+// Greedy NMS of contiguous [n, 4] boxes and [n] scores of type T; categories: one dense id per box, or
+// empty for plain NMS.
+template <typename T>
+at::Tensor greedy_nms(const at::Tensor& boxes, const at::Tensor& scores, const std::vector<int32_t>& categories,
+                      double iou_threshold, int64_t max_output) {
+  const int64_t n = boxes.size(0);
+  const T* box = boxes.data_ptr<T>();
+  const std::vector<int64_t> order = score_order(scores.data_ptr<T>(), n);
+  const bool with_categories = !categories.empty();
+  // With a negative threshold even disjoint boxes suppress each other, so every box takes part and nothing
+  // is pruned; otherwise only boxes with a positive extent can ever overlap.
+  const bool prune = iou_threshold >= 0.0;
+
+  std::vector<int64_t> rank_of_member;
+  rank_of_member.reserve(n);
+  double lo_x = std::numeric_limits<double>::infinity(), hi_x = -lo_x, lo_y = lo_x, hi_y = -lo_x;
+  for (int64_t rank = 0; rank < n; ++rank) {
+    const T* b = box + 4 * order[rank];
+    if (prune && !has_positive_extent(b[0], b[1], b[2], b[3])) continue;
+    rank_of_member.push_back(rank);
+    const double cx = 0.5 * b[0] + 0.5 * b[2], cy = 0.5 * b[1] + 0.5 * b[3];
+    if (std::isfinite(cx)) lo_x = std::min(lo_x, cx), hi_x = std::max(hi_x, cx);
+    if (std::isfinite(cy)) lo_y = std::min(lo_y, cy), hi_y = std::max(hi_y, cy);
+  }
+  const int64_t members = static_cast<int64_t>(rank_of_member.size());
+
+  // Spatial order: category first, then the Morton code of the centre; stable, so ties stay in score order.
+  std::vector<uint64_t> spatial_key(members);
+  for (int64_t m = 0; m < members; ++m) {
+    const int64_t i = order[rank_of_member[m]];
+    const T* b = box + 4 * i;
+    const uint32_t morton = spread_16_bits(grid_cell(0.5 * b[0] + 0.5 * b[2], lo_x, hi_x)) |
+                            (spread_16_bits(grid_cell(0.5 * b[1] + 0.5 * b[3], lo_y, hi_y)) << 1);
+    const uint64_t category = with_categories ? static_cast<uint64_t>(categories[i]) : 0;
+    spatial_key[m] = (category << 32) | morton;
+  }
+  radix_sort_pairs(spatial_key, rank_of_member);
+
+  constexpr int64_t kGroupSize = kBlockSize * kGroupBlocks;
+  const int64_t groups = (members + kGroupSize - 1) / kGroupSize;
+  const int64_t slots = groups * kGroupSize;
+  std::vector<T> x1(slots, T(0)), y1(slots, T(0)), x2(slots, T(0)), y2(slots, T(0)), area(slots, T(0));
+  std::vector<int32_t> category(with_categories ? slots + kCategoryPadding : 0, -1);
+  BoundsStore<T> block_bounds(groups * kGroupBlocks), group_bounds((groups + kBlockSize - 1) / kBlockSize * kBlockSize);
+  std::vector<int64_t> slot_of_rank(n, -1);
+  for (int64_t s = 0; s < members; ++s) {
+    const int64_t rank = rank_of_member[s];
+    const int64_t i = order[rank];
+    const T* b = box + 4 * i;
+    x1[s] = b[0], y1[s] = b[1], x2[s] = b[2], y2[s] = b[3];
+    area[s] = area_of(b[0], b[1], b[2], b[3]);
+    const int32_t c = with_categories ? categories[i] : 0;
+    if (with_categories) category[s] = c;
+    block_bounds.include(s / kBlockSize, b[0], b[1], b[2], b[3], c);
+    group_bounds.include(s / kGroupSize, b[0], b[1], b[2], b[3], c);
+    slot_of_rank[rank] = s;
+  }
+
+  const SpatialBoxes<T> spatial{x1.data(),
+                                y1.data(),
+                                x2.data(),
+                                y2.data(),
+                                area.data(),
+                                with_categories ? category.data() : nullptr,
+                                groups,
+                                block_bounds.view(with_categories),
+                                group_bounds.view(with_categories)};
+  const ScoreOrder score{order.data(), slot_of_rank.data(), n};
+  std::vector<uint32_t> suppressed(groups * kGroupBlocks, 0);
+  at::Tensor keep = at::empty({std::min(n, max_output)}, boxes.options().dtype(at::kLong));
+  const int64_t kept = greedy_for<T>(current_isa())(spatial, score, threshold_for<T>(iou_threshold), prune,
+                                                     max_output, suppressed.data(), keep.data_ptr<int64_t>());
+  return keep.narrow(0, 0, kept);
+}
+
+at::Tensor run_nms(const at::Tensor& boxes, const at::Tensor& scores, const std::vector<int32_t>& categories,
+                   double iou_threshold, std::optional<int64_t> max_output) {
+  const int64_t limit = max_output_or(max_output, boxes.size(0));
+  if (boxes.size(0) == 0 || limit == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  const auto type = compute_type(boxes.scalar_type());
+  const auto boxes_c = boxes.to(type).contiguous();
+  const auto scores_c = scores.to(type).contiguous();
+  return type == at::kDouble ? greedy_nms<double>(boxes_c, scores_c, categories, iou_threshold, limit)
+                             : greedy_nms<float>(boxes_c, scores_c, categories, iou_threshold, limit);
+}
+
+}  // namespace
+
+at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+               std::optional<int64_t> max_output) {
+  check_nms_inputs(boxes, scores, iou_threshold, max_output);
+  return run_nms(boxes, scores, {}, iou_threshold, max_output);
+}
+
+at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                       double iou_threshold, std::optional<int64_t> max_output) {
+  check_batched_nms_inputs(boxes, scores, idxs, iou_threshold, max_output);
+  return run_nms(boxes, scores, dense_categories(idxs), iou_threshold, max_output);
+}
+
+TORCH_LIBRARY_IMPL(rpn_ops, CPU, m) {
+  m.impl("nms", TORCH_FN(nms));
+  m.impl("batched_nms", TORCH_FN(batched_nms));
+}
+
+}  // namespace rpn_ops::cpu

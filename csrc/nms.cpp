@@ -1,0 +1,9 @@
+// Schemas of the NMS family. Kernels: cpu/nms.cpp, cuda/nms.cu; autocast: autocast.cpp; fake: rpn_ops/_meta.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
+  m.def("nms(Tensor boxes, Tensor scores, float iou_threshold, int? max_output=None) -> Tensor");
+  m.def(
+      "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, int? max_output=None) "
+      "-> Tensor");
+}
