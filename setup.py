@@ -12,9 +12,9 @@ import sys
 
 from setuptools import find_packages, setup
 
-# Archs compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Volta to Hopper as machine code,
-# plus PTX that newer GPUs compile at load time.
-DEFAULT_CUDA_ARCHS = "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
+# Archs compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Turing to Hopper as machine code
+# (CUDA 13 no longer builds for Volta), plus PTX that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 

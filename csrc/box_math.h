@@ -11,6 +11,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -76,6 +77,27 @@ RPN_INLINE T threshold_for(double threshold) {
     if (static_cast<double>(t) > threshold) t = ::nextafterf(t, -INFINITY);
     return t;
   }
+}
+
+// Unsigned keys whose ascending order is the order torch.sort(descending=True) gives the scores: NaN first
+// (torch treats it as the largest value), then +inf ... -inf; -0.0 ties with +0.0. Sorting them stably is
+// NMS's visiting order, on both backends.
+RPN_INLINE uint32_t descending_key(float score) {
+  if (score != score) return 0;  // NaN, of either sign
+  if (score == 0.0f) score = 0.0f;
+  uint32_t bits;
+  memcpy(&bits, &score, sizeof(bits));
+  const uint32_t ascending = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+  return ~ascending;  // at least 0x007fffff (+inf), so NaN's 0 comes first
+}
+
+RPN_INLINE uint64_t descending_key(double score) {
+  if (score != score) return 0;
+  if (score == 0.0) score = 0.0;
+  uint64_t bits;
+  memcpy(&bits, &score, sizeof(bits));
+  const uint64_t ascending = (bits & 0x8000000000000000ull) ? ~bits : bits | 0x8000000000000000ull;
+  return ~ascending;
 }
 
 }  // namespace rpn_ops

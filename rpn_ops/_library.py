@@ -1,12 +1,16 @@
 """Loads the compiled operators (rpn_ops._C), keeping the original error if that fails."""
 import importlib
 
+import torch  # noqa: F401  (loads libtorch / libc10, which rpn_ops._C links against)
+
 try:
     _C = importlib.import_module("rpn_ops._C")
 except ImportError as error:  # keep the real cause: a missing build, an ABI mismatch, a missing CUDA library
     raise ImportError(
-        "rpn_ops could not load its compiled operators (rpn_ops._C). Build them against the torch you run "
-        "with `pip install --no-build-isolation .` from the rpn_ops source folder. Cause: " + str(error)
+        "rpn_ops could not load its compiled operators (rpn_ops._C). Build them against the torch you run with "
+        "`pip install --no-build-isolation -e .` in the rpn_ops source folder (a plain `pip install .` works too, "
+        "but then run Python outside the source folder, whose rpn_ops/ has no compiled library). "
+        f"torch here is {torch.__version__}. Cause: {error}"
     ) from error
 
 

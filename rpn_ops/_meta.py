@@ -18,8 +18,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _nms_output(boxes: Tensor, max_output) -> Tensor:
     _check_boxes(boxes, "boxes")
-    upper = boxes.shape[0] if max_output is None else min(boxes.shape[0], max_output)
-    kept = torch.library.get_ctx().new_dynamic_size(max=upper) if not isinstance(upper, int) or upper > 0 else 0
+    if max_output is not None:
+        torch._check(max_output >= 0, lambda: f"max_output must be None or >= 0, got {max_output}")
+    count = boxes.shape[0]
+    if max_output == 0 or (isinstance(count, int) and count == 0):
+        return boxes.new_empty((0,), dtype=torch.int64)
+    ctx = torch.library.get_ctx()
+    if isinstance(count, int):  # a static bound helps the compiler
+        kept = ctx.new_dynamic_size(max=count if max_output is None else min(count, max_output))
+    else:
+        kept = ctx.new_dynamic_size()
+        torch._check(kept <= count)
+        if max_output is not None:
+            torch._check(kept <= max_output)
     return boxes.new_empty((kept,), dtype=torch.int64)
 
 
@@ -44,5 +55,9 @@ def _box_iou_fake(boxes1, boxes2):
     for boxes, name in ((boxes1, "boxes1"), (boxes2, "boxes2")):
         torch._check(boxes.dim() >= 2 and boxes.shape[-1] == 4,
                      lambda: f"{name} must have shape [..., N, 4], got {tuple(boxes.shape)}")
-    batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    try:
+        batch = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    except RuntimeError as error:
+        raise RuntimeError(f"the batch dimensions of boxes1 {list(boxes1.shape)} and boxes2 "
+                           f"{list(boxes2.shape)} do not broadcast") from error
     return boxes1.new_empty((*batch, boxes1.shape[-2], boxes2.shape[-2]), dtype=_compute_dtype(boxes1.dtype))

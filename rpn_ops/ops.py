@@ -37,7 +37,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_output: Optiona
     Returns:
         int64 indices of the kept boxes, by descending score.
     """
-    return torch.ops.rpn_ops.nms.default(boxes, scores, float(iou_threshold), _optional_int(max_output))
+    return torch.ops.rpn_ops.nms.default(boxes, scores, _threshold(iou_threshold), _optional_int(max_output))
 
 
 def batched_nms(
@@ -55,7 +55,17 @@ def batched_nms(
     Returns:
         int64 indices of the kept boxes, by descending score (equal scores: lower index first).
     """
-    return torch.ops.rpn_ops.batched_nms.default(boxes, scores, idxs, float(iou_threshold), _optional_int(max_output))
+    return torch.ops.rpn_ops.batched_nms.default(
+        boxes, scores, idxs, _threshold(iou_threshold), _optional_int(max_output)
+    )
+
+
+def _threshold(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, Tensor) and value.numel() == 1
+    ):
+        raise TypeError(f"iou_threshold must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _optional_int(value: Optional[int]) -> Optional[int]:

@@ -1,4 +1,4 @@
-// Pairwise IoU in one pass over the output: no [N, M, 2] temporaries. Threads over rows of the output.
+// Pairwise IoU in one pass over the output: no [N, M, 2] temporaries; SIMD rows, threads over rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -7,38 +7,34 @@
 
 #include "../box_math.h"
 #include "../checks.h"
+#include "simd_kernels.h"
 
 namespace rpn_ops::cpu {
 namespace {
 
-// Rows of boxes1 against all of boxes2, both [batch, count, 4] contiguous of type T.
+// Rows of boxes1 against all of boxes2, both [batch, count, 4] contiguous of type T, with the SIMD row
+// kernel of this CPU (simd_kernels.h), threads over rows.
 template <typename T>
 void fill_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, at::Tensor& out) {
   const int64_t batch = boxes1.size(0), n = boxes1.size(1), m = boxes2.size(1);
-  // boxes2 as structure of arrays with its areas, so the inner loop vectorises.
   std::vector<T> x1(batch * m), y1(batch * m), x2(batch * m), y2(batch * m), area(batch * m);
   const T* b2 = boxes2.data_ptr<T>();
   for (int64_t j = 0; j < batch * m; ++j) {
     x1[j] = b2[4 * j], y1[j] = b2[4 * j + 1], x2[j] = b2[4 * j + 2], y2[j] = b2[4 * j + 3];
     area[j] = area_of(x1[j], y1[j], x2[j], y2[j]);
   }
+  const IouRows<T> iou_rows = kernels_for<T>(current_isa()).iou_rows;
   const T* b1 = boxes1.data_ptr<T>();
   T* iou = out.data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(m, 1));
   at::parallel_for(0, batch * n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const T* a = b1 + 4 * row;
-      const T area_a = area_of(a[0], a[1], a[2], a[3]);
-      const int64_t first = (row / n) * m;
-      const T* __restrict bx1 = x1.data() + first;
-      const T* __restrict by1 = y1.data() + first;
-      const T* __restrict bx2 = x2.data() + first;
-      const T* __restrict by2 = y2.data() + first;
-      const T* __restrict barea = area.data() + first;
-      T* __restrict out_row = iou + row * m;
-      for (int64_t j = 0; j < m; ++j) {
-        out_row[j] = iou_of(a[0], a[1], a[2], a[3], area_a, bx1[j], by1[j], bx2[j], by2[j], barea[j]);
-      }
+    // Split at batch boundaries: each piece of rows sees its own batch entry's columns.
+    for (int64_t row = begin; row < end;) {
+      const int64_t item = row / n, rows = std::min(end, (item + 1) * n) - row;
+      const ColumnBoxes<T> columns{x1.data() + item * m, y1.data() + item * m, x2.data() + item * m,
+                                   y2.data() + item * m, area.data() + item * m, m};
+      iou_rows(b1 + 4 * row, rows, columns, iou + row * m);
+      row += rows;
     }
   });
 }

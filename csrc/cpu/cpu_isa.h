@@ -1,5 +1,5 @@
 // Run-time choice of the instruction set for the CPU hot loops. Each hot loop is compiled once per
-// instruction set in its own translation unit (see nms_greedy_*.cpp); the best one this CPU supports runs.
+// instruction set in its own translation unit (see simd_*.cpp); the best one this CPU supports runs.
 #pragma once
 
 #include <string>

@@ -3,11 +3,12 @@
 //  - spatial pruning: the boxes that can suppress anything are laid out in Morton order of their centres
 //    (within each category for batched NMS) in blocks and groups with bounds, so a kept box is compared
 //    only with the boxes near it (and of its category) instead of with every box after it,
-//  - a branch-free SIMD comparison loop compiled per instruction set (nms_greedy_*.cpp),
+//  - a branch-free SIMD comparison loop compiled per instruction set (simd_*.cpp),
 //  - an early exit once max_output boxes are kept.
 #include "nms.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,22 +18,11 @@
 
 #include "../box_math.h"
 #include "../checks.h"
-#include "cpu_isa.h"
-#include "isa_targets.h"
-#include "nms_greedy.h"
 #include "radix_sort.h"
+#include "simd_kernels.h"
 
 namespace rpn_ops::cpu {
 namespace {
-
-template <typename T>
-GreedyNms<T> greedy_for(Isa isa) {
-#if defined(RPN_OPS_X86_ISAS)
-  if (isa == Isa::avx512) return &avx512::greedy_nms<T>;
-  if (isa == Isa::avx2) return &avx2::greedy_nms<T>;
-#endif
-  return &baseline::greedy_nms<T>;
-}
 
 // Box indices by descending score, ties by ascending index: torch.sort(descending=True, stable=True).
 template <typename T>
@@ -55,14 +45,16 @@ uint32_t spread_16_bits(uint32_t v) {
   return v;
 }
 
-// Position of a centre coordinate on a 16-bit grid over [lo, hi]; only locality matters, not exactness.
+// Cell of a centre coordinate on a grid of kGridCells over [lo, hi]; only locality matters, not exactness.
+// 2048 x 2048 cells make a 22-bit Morton code: three radix-sort passes.
+constexpr double kGridCells = 2048.0;
 uint32_t grid_cell(double c, double lo, double hi) {
-  const double t = hi > lo ? (c - lo) / (hi - lo) * 65535.0 : 0.0;
+  const double t = hi > lo ? (c - lo) / (hi - lo) * (kGridCells - 1) : 0.0;
   if (!(t > 0.0)) return 0;  // also NaN
-  return t >= 65535.0 ? 65535u : static_cast<uint32_t>(t);
+  return t >= kGridCells - 1 ? static_cast<uint32_t>(kGridCells - 1) : static_cast<uint32_t>(t);
 }
 
-// Dense category ids (0, 1, ...) preserving order, from any integer idxs.
+// Dense category ids (0, 1, ... at most a few times the box count) preserving order, from any integer idxs.
 std::vector<int32_t> dense_categories(const at::Tensor& idxs) {
   const auto values = idxs.to(at::kLong).contiguous();
   const int64_t* v = values.data_ptr<int64_t>();
@@ -71,7 +63,7 @@ std::vector<int32_t> dense_categories(const at::Tensor& idxs) {
   if (n == 0) return dense;
   const auto [lo, hi] = std::minmax_element(v, v + n);
   const int64_t low = *lo;
-  if (static_cast<uint64_t>(*hi) - static_cast<uint64_t>(low) < (uint64_t{1} << 30)) {
+  if (static_cast<uint64_t>(*hi) - static_cast<uint64_t>(low) <= static_cast<uint64_t>(4 * n + 65536)) {
     for (int64_t i = 0; i < n; ++i) dense[i] = static_cast<int32_t>(v[i] - low);
     return dense;
   }
@@ -106,83 +98,133 @@ struct BoundsStore {
     category_max[e] = std::max(category_max[e], category);
   }
 
+  void include(int64_t e, const BoundsStore& other, int64_t k) {
+    include(e, other.x1[k], other.y1[k], other.x2[k], other.y2[k], other.category_min[k]);
+    category_max[e] = std::max(category_max[e], other.category_max[k]);
+  }
+
   Bounds<T> view(bool with_categories) const {
     return {x1.data(), y1.data(), x2.data(), y2.data(), with_categories ? category_min.data() : nullptr,
             with_categories ? category_max.data() : nullptr};
   }
 };
 
+// The boxes that take part in suppression, laid out for nms_greedy (see SpatialBoxes), and each box's slot.
+// Reads the boxes in index order except for one gather.
+template <typename T>
+struct SpatialLayout {
+  std::vector<T> x1, y1, x2, y2, area;
+  std::vector<int32_t> category;
+  std::vector<int64_t> group_range;
+  std::vector<int64_t> slot_of_box;
+  BoundsStore<T> block_bounds{0}, group_bounds{0};
+  int64_t groups = 0;
+
+  SpatialLayout() = default;
+  // prune: only boxes with a positive extent take part (valid for a non-negative threshold: any other box
+  // has zero intersection with everything). categories: one dense id per box, or empty.
+  SpatialLayout(const T* box, int64_t n, const std::vector<int32_t>& categories, bool prune) {
+    const bool with_categories = !categories.empty();
+    auto takes_part = [&](int64_t i) {
+      const T* b = box + 4 * i;
+      return !prune || has_positive_extent(b[0], b[1], b[2], b[3]);
+    };
+    double lo_x = std::numeric_limits<double>::infinity(), hi_x = -lo_x, lo_y = lo_x, hi_y = -lo_x;
+    int64_t members = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!takes_part(i)) continue;
+      ++members;
+      const T* b = box + 4 * i;
+      const double cx = 0.5 * b[0] + 0.5 * b[2], cy = 0.5 * b[1] + 0.5 * b[3];
+      if (std::isfinite(cx)) lo_x = std::min(lo_x, cx), hi_x = std::max(hi_x, cx);
+      if (std::isfinite(cy)) lo_y = std::min(lo_y, cy), hi_y = std::max(hi_y, cy);
+    }
+
+    // Spatial order: category first, then the Morton code of the centre.
+    std::vector<uint64_t> spatial_key;
+    std::vector<int64_t> box_of_slot;
+    spatial_key.reserve(members);
+    box_of_slot.reserve(members);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!takes_part(i)) continue;
+      const T* b = box + 4 * i;
+      const uint32_t morton = spread_16_bits(grid_cell(0.5 * b[0] + 0.5 * b[2], lo_x, hi_x)) |
+                              (spread_16_bits(grid_cell(0.5 * b[1] + 0.5 * b[3], lo_y, hi_y)) << 1);
+      const uint64_t c = with_categories ? static_cast<uint64_t>(categories[i]) : 0;
+      spatial_key.push_back((c << 32) | morton);
+      box_of_slot.push_back(i);
+    }
+    radix_sort_pairs(spatial_key, box_of_slot);
+
+    constexpr int64_t kGroupSize = kBlockSize * kGroupBlocks;
+    groups = (members + kGroupSize - 1) / kGroupSize;
+    const int64_t slots = groups * kGroupSize;
+    for (auto* v : {&x1, &y1, &x2, &y2, &area}) v->assign(slots, T(0));
+    category.assign(with_categories ? slots + kCategoryPadding : 0, -1);
+    if (with_categories) {
+      group_range.assign(2 * static_cast<size_t>(*std::max_element(categories.begin(), categories.end()) + 1), 0);
+    }
+    block_bounds = BoundsStore<T>(groups * kGroupBlocks);
+    group_bounds = BoundsStore<T>((groups + kBlockSize - 1) / kBlockSize * kBlockSize);
+    slot_of_box.assign(n, -1);
+    for (int64_t s = 0; s < members; ++s) {
+      const int64_t i = box_of_slot[s];
+      const T* b = box + 4 * i;
+      x1[s] = b[0], y1[s] = b[1], x2[s] = b[2], y2[s] = b[3];
+      area[s] = area_of(b[0], b[1], b[2], b[3]);
+      const int32_t c = with_categories ? categories[i] : 0;
+      if (with_categories) {
+        category[s] = c;
+        if (s == 0 || category[s - 1] != c) group_range[2 * c] = s / kGroupSize;
+        group_range[2 * c + 1] = s / kGroupSize + 1;
+      }
+      block_bounds.include(s / kBlockSize, b[0], b[1], b[2], b[3], c);
+      slot_of_box[i] = s;
+    }
+    for (int64_t block = 0; block < groups * kGroupBlocks; ++block) {
+      group_bounds.include(block / kGroupBlocks, block_bounds, block);
+    }
+  }
+
+  SpatialBoxes<T> view() const {
+    const bool with_categories = !category.empty();
+    return {x1.data(),
+            y1.data(),
+            x2.data(),
+            y2.data(),
+            area.data(),
+            with_categories ? category.data() : nullptr,
+            with_categories ? group_range.data() : nullptr,
+            groups,
+            block_bounds.view(with_categories),
+            group_bounds.view(with_categories)};
+  }
+};
+
 // Greedy NMS of contiguous [n, 4] boxes and [n] scores of type T; categories: one dense id per box, or
-// empty for plain NMS.
+// empty for plain NMS. The score sort and the spatial layout are independent and run on two threads.
 template <typename T>
 at::Tensor greedy_nms(const at::Tensor& boxes, const at::Tensor& scores, const std::vector<int32_t>& categories,
                       double iou_threshold, int64_t max_output) {
   const int64_t n = boxes.size(0);
-  const T* box = boxes.data_ptr<T>();
-  const std::vector<int64_t> order = score_order(scores.data_ptr<T>(), n);
-  const bool with_categories = !categories.empty();
   // With a negative threshold even disjoint boxes suppress each other, so every box takes part and nothing
-  // is pruned; otherwise only boxes with a positive extent can ever overlap.
+  // is pruned.
   const bool prune = iou_threshold >= 0.0;
-
-  std::vector<int64_t> rank_of_member;
-  rank_of_member.reserve(n);
-  double lo_x = std::numeric_limits<double>::infinity(), hi_x = -lo_x, lo_y = lo_x, hi_y = -lo_x;
-  for (int64_t rank = 0; rank < n; ++rank) {
-    const T* b = box + 4 * order[rank];
-    if (prune && !has_positive_extent(b[0], b[1], b[2], b[3])) continue;
-    rank_of_member.push_back(rank);
-    const double cx = 0.5 * b[0] + 0.5 * b[2], cy = 0.5 * b[1] + 0.5 * b[3];
-    if (std::isfinite(cx)) lo_x = std::min(lo_x, cx), hi_x = std::max(hi_x, cx);
-    if (std::isfinite(cy)) lo_y = std::min(lo_y, cy), hi_y = std::max(hi_y, cy);
-  }
-  const int64_t members = static_cast<int64_t>(rank_of_member.size());
-
-  // Spatial order: category first, then the Morton code of the centre; stable, so ties stay in score order.
-  std::vector<uint64_t> spatial_key(members);
-  for (int64_t m = 0; m < members; ++m) {
-    const int64_t i = order[rank_of_member[m]];
-    const T* b = box + 4 * i;
-    const uint32_t morton = spread_16_bits(grid_cell(0.5 * b[0] + 0.5 * b[2], lo_x, hi_x)) |
-                            (spread_16_bits(grid_cell(0.5 * b[1] + 0.5 * b[3], lo_y, hi_y)) << 1);
-    const uint64_t category = with_categories ? static_cast<uint64_t>(categories[i]) : 0;
-    spatial_key[m] = (category << 32) | morton;
-  }
-  radix_sort_pairs(spatial_key, rank_of_member);
-
-  constexpr int64_t kGroupSize = kBlockSize * kGroupBlocks;
-  const int64_t groups = (members + kGroupSize - 1) / kGroupSize;
-  const int64_t slots = groups * kGroupSize;
-  std::vector<T> x1(slots, T(0)), y1(slots, T(0)), x2(slots, T(0)), y2(slots, T(0)), area(slots, T(0));
-  std::vector<int32_t> category(with_categories ? slots + kCategoryPadding : 0, -1);
-  BoundsStore<T> block_bounds(groups * kGroupBlocks), group_bounds((groups + kBlockSize - 1) / kBlockSize * kBlockSize);
-  std::vector<int64_t> slot_of_rank(n, -1);
-  for (int64_t s = 0; s < members; ++s) {
-    const int64_t rank = rank_of_member[s];
-    const int64_t i = order[rank];
-    const T* b = box + 4 * i;
-    x1[s] = b[0], y1[s] = b[1], x2[s] = b[2], y2[s] = b[3];
-    area[s] = area_of(b[0], b[1], b[2], b[3]);
-    const int32_t c = with_categories ? categories[i] : 0;
-    if (with_categories) category[s] = c;
-    block_bounds.include(s / kBlockSize, b[0], b[1], b[2], b[3], c);
-    group_bounds.include(s / kGroupSize, b[0], b[1], b[2], b[3], c);
-    slot_of_rank[rank] = s;
-  }
-
-  const SpatialBoxes<T> spatial{x1.data(),
-                                y1.data(),
-                                x2.data(),
-                                y2.data(),
-                                area.data(),
-                                with_categories ? category.data() : nullptr,
-                                groups,
-                                block_bounds.view(with_categories),
-                                group_bounds.view(with_categories)};
-  const ScoreOrder score{order.data(), slot_of_rank.data(), n};
-  std::vector<uint32_t> suppressed(groups * kGroupBlocks, 0);
+  std::vector<int64_t> order;
+  SpatialLayout<T> layout;
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      if (task == 0) {
+        order = score_order(scores.data_ptr<T>(), n);
+      } else {
+        layout = SpatialLayout<T>(boxes.data_ptr<T>(), n, categories, prune);
+      }
+    }
+  });
+  const ScoreOrder score{order.data(), layout.slot_of_box.data(), n};
+  std::vector<uint32_t> suppressed(layout.groups * kGroupBlocks, 0);
   at::Tensor keep = at::empty({std::min(n, max_output)}, boxes.options().dtype(at::kLong));
-  const int64_t kept = greedy_for<T>(current_isa())(spatial, score, threshold_for<T>(iou_threshold), prune,
+  const int64_t kept = kernels_for<T>(current_isa()).greedy_nms(layout.view(), score, threshold_for<T>(iou_threshold), prune,
                                                      max_output, suppressed.data(), keep.data_ptr<int64_t>());
   return keep.narrow(0, 0, kept);
 }

@@ -1,64 +1,9 @@
-// The greedy NMS loop. Included once per instruction set by nms_greedy_<isa>.cpp, after that file's target
-// pragma, inside its namespace, with kVectorBytes (the register width) defined; so it includes nothing
-// itself (every library header comes before the pragma, keeping library code out of the ISA-specific build).
+// The greedy NMS loop, compiled once per instruction set: included by simd_<isa>.cpp after simd_vectors.h.
 //
 // A block of kBlockSize boxes is compared with a kept box a register at a time (GCC vector extensions), by
 // the same iou_of the scalar and CUDA code use; lane masks become bit masks, walked with count-trailing-zeros.
 
 namespace {
-
-template <typename T>
-struct VectorOf;
-template <>
-struct VectorOf<float> {
-  typedef float type __attribute__((vector_size(kVectorBytes)));
-  typedef int32_t categories __attribute__((vector_size(kVectorBytes)));
-};
-template <>
-struct VectorOf<double> {
-  typedef double type __attribute__((vector_size(kVectorBytes)));
-  // As many int32 categories as there are double lanes (the baseline's two lanes use a scalar pair).
-  typedef int32_t categories __attribute__((vector_size(kVectorBytes / 2 >= 16 ? kVectorBytes / 2 : 16)));
-};
-template <typename T>
-using Vec = typename VectorOf<T>::type;
-template <typename T>
-using CategoryVec = typename VectorOf<T>::categories;
-template <typename T>
-constexpr int64_t kLanes = kVectorBytes / sizeof(T);
-
-template <typename V, typename S>
-inline V load(const S* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline Vec<T> broadcast(T value) {
-  return Vec<T>{} + value;
-}
-
-// Bit k set where lane k of a comparison result is set (only the first `lanes` lanes count).
-template <typename Mask>
-inline uint32_t lane_bits(const Mask& mask, int64_t lanes) {
-#if defined(__x86_64__)
-  constexpr size_t bytes = sizeof(Mask), lane = sizeof(mask[0]);
-  if constexpr (bytes == 16 && lane == 4) return _mm_movemask_ps(reinterpret_cast<__m128>(mask)) & ((1u << lanes) - 1);
-  if constexpr (bytes == 16 && lane == 8) return _mm_movemask_pd(reinterpret_cast<__m128d>(mask));
-#if RPN_VECTOR_BYTES >= 32
-  if constexpr (bytes == 32 && lane == 4) return _mm256_movemask_ps(reinterpret_cast<__m256>(mask));
-  if constexpr (bytes == 32 && lane == 8) return _mm256_movemask_pd(reinterpret_cast<__m256d>(mask));
-#endif
-#if RPN_VECTOR_BYTES >= 64
-  if constexpr (bytes == 64 && lane == 4) return _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask));
-  if constexpr (bytes == 64 && lane == 8) return _mm512_movepi64_mask(reinterpret_cast<__m512i>(mask));
-#endif
-#endif
-  uint32_t bits = 0;
-  for (int64_t k = 0; k < lanes; ++k) bits |= static_cast<uint32_t>(mask[k] != 0) << k;
-  return bits;
-}
 
 template <typename T>
 struct KeptBox {
@@ -119,13 +64,14 @@ int64_t greedy(const SpatialBoxes<T>& boxes, const ScoreOrder& order, T threshol
                int64_t max_output, uint32_t* __restrict suppressed, int64_t* __restrict keep) {
   const Vec<T> threshold_lanes = broadcast(threshold);
   const int64_t blocks = boxes.groups * kGroupBlocks;
-  const int64_t* __restrict slot_of_rank = order.slot;
-  const int64_t* __restrict box_of_rank = order.box;
+  const int64_t* __restrict box_of_rank = order.box_of_rank;
+  const int64_t* __restrict slot_of_box = order.slot_of_box;
   int64_t kept = 0;
   for (int64_t rank = 0; rank < order.count && kept < max_output; ++rank) {
-    const int64_t slot = slot_of_rank[rank];
+    const int64_t box_index = box_of_rank[rank];
+    const int64_t slot = slot_of_box[box_index];
     if (slot >= 0 && (suppressed[slot / kBlockSize] >> (slot % kBlockSize) & 1u)) continue;
-    keep[kept++] = box_of_rank[rank];
+    keep[kept++] = box_index;
     if (slot < 0 || kept == max_output) continue;
     const KeptBox<T> box{broadcast(boxes.x1[slot]), broadcast(boxes.y1[slot]), broadcast(boxes.x2[slot]),
                          broadcast(boxes.y2[slot]), broadcast(boxes.area[slot]),
@@ -140,7 +86,13 @@ int64_t greedy(const SpatialBoxes<T>& boxes, const ScoreOrder& order, T threshol
       continue;
     }
     // Group bounds are padded to whole blocks of empty bounds, which never hit.
-    for (int64_t first_group = 0; first_group < boxes.groups; first_group += kBlockSize) {
+    int64_t group_begin = 0, group_end = boxes.groups;
+    if constexpr (kCategories) {
+      group_begin = boxes.group_range[2 * box.category];
+      group_end = boxes.group_range[2 * box.category + 1];
+    }
+    for (int64_t first_group = group_begin - group_begin % kBlockSize; first_group < group_end;
+         first_group += kBlockSize) {
       for_each_bit(bounds_hits<T, kCategories>(boxes.group, first_group, box), first_group, [&](int64_t group) {
         const int64_t first_block = group * kGroupBlocks;
         for_each_bit(bounds_hits<T, kCategories>(boxes.block, first_block, box), first_block, suppress_in_block);

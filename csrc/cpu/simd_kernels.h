@@ -1,8 +1,12 @@
-// Greedy NMS over boxes laid out for SIMD and spatial pruning. The layout is built by cpu/nms.cpp; the
-// greedy loop is compiled once per instruction set (nms_greedy_{baseline,avx2,avx512}.cpp).
+// The CPU hot loops, compiled once per instruction set (simd_{baseline,avx2,avx512}.cpp) and chosen at run
+// time with kernels_for(current_isa()): the greedy NMS over boxes laid out for SIMD and spatial pruning
+// (the layout is built by cpu/nms.cpp), and rows of the IoU matrix (cpu/box_iou.cpp).
 #pragma once
 
 #include <cstdint>
+
+#include "cpu_isa.h"
+#include "isa_targets.h"
 
 namespace rpn_ops::cpu {
 
@@ -35,16 +39,18 @@ struct SpatialBoxes {
   const T* y2;
   const T* area;
   const int32_t* category;  // null for plain NMS
+  // Per category c: groups [group_range[2c], group_range[2c + 1]) hold its boxes (null for plain NMS).
+  const int64_t* group_range;
   int64_t groups;
   Bounds<T> block;
   Bounds<T> group;
 };
 
-// The score order: box index and its slot in SpatialBoxes for each rank (-1: the box neither suppresses nor
-// can be suppressed, e.g. zero-area or NaN boxes with a non-negative threshold).
+// The score order (box index for each rank) and each box's slot in SpatialBoxes (-1: the box neither
+// suppresses nor can be suppressed, e.g. zero-area or NaN boxes with a non-negative threshold).
 struct ScoreOrder {
-  const int64_t* box;
-  const int64_t* slot;
+  const int64_t* box_of_rank;
+  const int64_t* slot_of_box;
   int64_t count;
 };
 
@@ -57,15 +63,47 @@ template <typename T>
 using GreedyNms = int64_t (*)(const SpatialBoxes<T>& boxes, const ScoreOrder& order, T threshold, bool prune,
                               int64_t max_output, uint32_t* suppressed, int64_t* keep);
 
-#define RPN_DECLARE_GREEDY_NMS(isa)                                                                         \
+// Boxes as structure of arrays with their areas: the columns of an IoU matrix.
+template <typename T>
+struct ColumnBoxes {
+  const T* x1;
+  const T* y1;
+  const T* x2;
+  const T* y2;
+  const T* area;
+  int64_t count;
+};
+
+// out[r, j] = IoU(rows[r], columns[j]) for row_count [*, 4] rows; out is [row_count, columns.count].
+template <typename T>
+using IouRows = void (*)(const T* rows, int64_t row_count, const ColumnBoxes<T>& columns, T* out);
+
+template <typename T>
+struct Kernels {
+  GreedyNms<T> greedy_nms;
+  IouRows<T> iou_rows;
+};
+
+#define RPN_DECLARE_KERNELS(isa)                                                                            \
   namespace isa {                                                                                           \
   template <typename T>                                                                                     \
   int64_t greedy_nms(const SpatialBoxes<T>& boxes, const ScoreOrder& order, T threshold, bool prune,       \
                      int64_t max_output, uint32_t* suppressed, int64_t* keep);                              \
+  template <typename T>                                                                                     \
+  void iou_rows(const T* rows, int64_t row_count, const ColumnBoxes<T>& columns, T* out);                  \
   }
-RPN_DECLARE_GREEDY_NMS(baseline)
-RPN_DECLARE_GREEDY_NMS(avx2)
-RPN_DECLARE_GREEDY_NMS(avx512)
-#undef RPN_DECLARE_GREEDY_NMS
+RPN_DECLARE_KERNELS(baseline)
+RPN_DECLARE_KERNELS(avx2)
+RPN_DECLARE_KERNELS(avx512)
+#undef RPN_DECLARE_KERNELS
+
+template <typename T>
+Kernels<T> kernels_for(Isa isa) {
+#if defined(RPN_OPS_X86_ISAS)
+  if (isa == Isa::avx512) return {&avx512::greedy_nms<T>, &avx512::iou_rows<T>};
+  if (isa == Isa::avx2) return {&avx2::greedy_nms<T>, &avx2::iou_rows<T>};
+#endif
+  return {&baseline::greedy_nms<T>, &baseline::iou_rows<T>};
+}
 
 }  // namespace rpn_ops::cpu

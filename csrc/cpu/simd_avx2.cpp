@@ -1,4 +1,4 @@
-// The greedy NMS loop compiled for the avx512 instruction set (64-byte vectors); chosen at run time by
+// The CPU hot loops (simd_kernels.h) compiled for the avx2 instruction set (32-byte vectors); chosen at run time by
 // cpu/nms.cpp. Library headers come first, outside the target pragma; box_math.h after it, so its
 // (internal-linkage) functions are compiled for this instruction set too, vector operations included.
 #include <cfloat>
@@ -7,7 +7,7 @@
 #include <type_traits>
 
 #include "isa_targets.h"
-#include "nms_greedy.h"
+#include "simd_kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -16,20 +16,22 @@
 // Vectors wider than the baseline registers only live inside inlined code; no ABI crosses this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#define RPN_VECTOR_BYTES 64
+#define RPN_VECTOR_BYTES 32
 #if defined(RPN_OPS_X86_ISAS)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx2,fma")
 #endif
 
 #include "../box_math.h"
 
-namespace rpn_ops::cpu::avx512 {
+namespace rpn_ops::cpu::avx2 {
 constexpr int kVectorBytes = RPN_VECTOR_BYTES;
+#include "simd_vectors.h"
 #include "nms_greedy_impl.h"
-}  // namespace rpn_ops::cpu::avx512
+#include "box_iou_impl.h"
+}  // namespace rpn_ops::cpu::avx2
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -1,0 +1,1 @@
+"""Benchmarks of rpn_ops against torchvision and the plain-PyTorch reference (see README.md)."""

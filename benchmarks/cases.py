@@ -1,0 +1,117 @@
+"""The benchmark workloads, defined once for `benchmarks.run` and `test_bench_ops.py`.
+
+Inputs come from `rpn_ops.workloads` (the generators the tests use too): clustered RPN-like proposals,
+ground-truth-like boxes, random categories.
+"""
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch  # before rpn_ops: its extension links against torch's libraries
+import torchvision
+
+import rpn_ops
+from rpn_ops import reference, workloads
+
+IMPLEMENTATIONS = ("ours", "torchvision", "reference")
+NMS_THRESHOLD = 0.7
+REFERENCE_NMS_MAX_BOXES = 5_000  # the reference NMS is a Python loop per kept box
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
+    op: str  # "nms", "batched_nms", "box_iou"
+    label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
+    params: Dict[str, int]
+    make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
+    ours: Callable
+    torchvision: Callable
+    reference: Optional[Callable]  # None where it would take too long
+    quick: bool = False  # part of the --quick ladder
+    slow_torchvision_cpu: bool = False  # torchvision's CPU call takes seconds to a minute
+    scores_arg: Optional[int] = None  # position of the scores among the inputs (NMS ops)
+
+
+def _count(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _nms_inputs(n: int, device):
+    return workloads.rpn_like_boxes(n, device=device)
+
+
+def _batched_nms_inputs(n: int, num_classes: int, device):
+    boxes, scores = workloads.rpn_like_boxes(n, device=device)
+    return boxes, scores, workloads.categories(n, num_classes, device=device)
+
+
+def _box_iou_inputs(n: int, m: int, device):
+    return workloads.rpn_like_boxes(n, device=device)[0], workloads.gt_boxes(m, seed=1, device=device)
+
+
+def _torchvision_nms_first(boxes, scores, max_output: int):
+    return torchvision.ops.nms(boxes, scores, NMS_THRESHOLD)[:max_output]  # torchvision has no early exit
+
+
+def nms_workload(n: int, max_output: Optional[int] = None, quick=False) -> Workload:
+    name, label = f"nms-{_count(n)}", f"{_count(n)} boxes"
+    if max_output is None:
+        ours = partial(rpn_ops.nms, iou_threshold=NMS_THRESHOLD)
+        theirs = partial(torchvision.ops.nms, iou_threshold=NMS_THRESHOLD)
+    else:
+        name, label = f"{name}-top{max_output}", f"{label}, max_output={max_output}"
+        ours = partial(rpn_ops.nms, iou_threshold=NMS_THRESHOLD, max_output=max_output)
+        theirs = partial(_torchvision_nms_first, max_output=max_output)
+    return Workload(
+        name, "nms", label, dict(boxes=n, max_output=max_output) if max_output else dict(boxes=n),
+        partial(_nms_inputs, n), ours, theirs,
+        reference=partial(reference.nms, iou_threshold=NMS_THRESHOLD, max_output=max_output)
+        if n <= REFERENCE_NMS_MAX_BOXES else None,
+        quick=quick, slow_torchvision_cpu=n >= 100_000, scores_arg=1)
+
+
+def batched_nms_workload(n: int, num_classes: int, quick=False) -> Workload:
+    return Workload(
+        f"batched_nms-{_count(n)}-{num_classes}cls", "batched_nms", f"{_count(n)} boxes, {num_classes} classes",
+        dict(boxes=n, classes=num_classes), partial(_batched_nms_inputs, n, num_classes),
+        partial(rpn_ops.batched_nms, iou_threshold=NMS_THRESHOLD),
+        partial(torchvision.ops.batched_nms, iou_threshold=NMS_THRESHOLD),
+        reference=partial(reference.batched_nms, iou_threshold=NMS_THRESHOLD)
+        if n <= REFERENCE_NMS_MAX_BOXES else None,
+        quick=quick, slow_torchvision_cpu=n >= 100_000, scores_arg=1)
+
+
+def box_iou_workload(n: int, m: int, quick=False) -> Workload:
+    return Workload(
+        f"box_iou-{n}x{m}", "box_iou", f"{n} x {m} boxes", dict(boxes1=n, boxes2=m), partial(_box_iou_inputs, n, m),
+        rpn_ops.box_iou, torchvision.ops.box_iou, reference.box_iou, quick=quick)
+
+
+WORKLOADS: List[Workload] = [
+    *(nms_workload(n, quick=n <= 5_000) for n in (1_000, 5_000, 20_000, 100_000)),
+    *(nms_workload(n, max_output=1000) for n in (20_000, 100_000)),
+    *(batched_nms_workload(n, classes, quick=n == 1_000 and classes == 80)
+      for classes in (80, 5) for n in (1_000, 5_000, 20_000, 100_000)),
+    box_iou_workload(2_000, 2_000, quick=True),
+    box_iou_workload(200_000, 50),
+]
+
+
+def select(ops: Optional[str] = None, quick: bool = False) -> List[Workload]:
+    """The workloads whose name contains one of the comma-separated substrings in ``ops`` (all if None)."""
+    wanted = [part.strip() for part in ops.split(",") if part.strip()] if ops else []
+    return [w for w in WORKLOADS
+            if (not quick or w.quick) and (not wanted or any(part in w.name for part in wanted))]
+
+
+def parity(workload: Workload, ours, theirs, inputs) -> str:
+    """'equal' (torch.equal), 'equal up to ties' (NMS: same kept set, order differs only between equal
+    scores), or 'MISMATCH'."""
+    if torch.equal(ours, theirs):
+        return "equal"
+    if workload.scores_arg is not None and ours.shape == theirs.shape:
+        scores = inputs[workload.scores_arg]
+        if torch.equal(ours.sort().values, theirs.sort().values) and torch.equal(scores[ours], scores[theirs]):
+            return "equal up to ties"
+    return "MISMATCH"

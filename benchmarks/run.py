@@ -1,0 +1,245 @@
+"""Times rpn_ops against torchvision and the plain-PyTorch reference; checks that the answers agree.
+
+    python -m benchmarks.run [--device auto|cpu|cuda] [--quick] [--ops nms-20k,box_iou] [--repeat N]
+                             [--budget SECONDS] [--out DIR] [--strict]
+
+Writes DIR/results.json (every sample and the environment) and DIR/results.md; prints the table.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import rpn_ops
+from benchmarks.cases import IMPLEMENTATIONS, parity, select
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WARMUP_CALLS = 3
+
+
+def time_call(fn, inputs, device: torch.device):
+    """(result, milliseconds) of one call; on CUDA, timed with events after the queue has drained."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        result = fn(*inputs)
+        return result, (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn(*inputs)
+    end.record()
+    end.synchronize()
+    return result, start.elapsed_time(end)
+
+
+def measure(fn, inputs, device, repeat: int, budget_s: float):
+    """(result of the first call, samples in ms). Up to WARMUP_CALLS untimed calls, then timed calls until
+    ``repeat`` samples or ``budget_s`` seconds of samples. A first call longer than the whole budget is
+    the one sample: warm-up effects are negligible next to it, and the full suite stays minutes long."""
+    budget_ms = budget_s * 1e3
+    result, first_ms = time_call(fn, inputs, device)
+    if first_ms >= budget_ms:
+        return result, [first_ms]
+    warmup_ms, calls = first_ms, 1
+    while calls < WARMUP_CALLS and warmup_ms < budget_ms / 4:
+        warmup_ms += time_call(fn, inputs, device)[1]
+        calls += 1
+    samples = []
+    while len(samples) < max(1, repeat) and (not samples or sum(samples) < budget_ms):
+        samples.append(time_call(fn, inputs, device)[1])
+    return result, samples
+
+
+def summary(samples):
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+    return dict(median_ms=statistics.median(samples), min_ms=min(samples), q1_ms=q1, q3_ms=q3,
+                max_ms=max(samples), runs=len(samples), samples_ms=samples)
+
+
+def run_workload(workload, device, repeat, budget_s):
+    inputs = workload.make_inputs(device)
+    outputs, timings = {}, {}
+    for impl in IMPLEMENTATIONS:
+        fn = getattr(workload, impl)
+        if fn is None:
+            timings[impl] = None
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            allocated_before = torch.cuda.memory_allocated(device)
+        try:
+            outputs[impl], samples = measure(fn, inputs, device, repeat, budget_s)
+        except Exception as error:  # an op missing on this device must not stop the suite
+            timings[impl] = dict(error=f"{type(error).__name__}: {error}")
+            continue
+        timings[impl] = summary(samples)
+        if device.type == "cuda":
+            timings[impl]["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
+    checks, speedups = {}, {}
+    for other in ("torchvision", "reference"):
+        if "ours" in outputs and other in outputs:
+            checks[other] = parity(workload, outputs["ours"], outputs[other], inputs)
+            if checks[other] != "MISMATCH":
+                speedups[other] = timings[other]["median_ms"] / timings["ours"]["median_ms"]
+    return dict(workload=workload.name, op=workload.op, label=workload.label, params=workload.params,
+                device=str(device), output_shape=list(outputs["ours"].shape) if "ours" in outputs else None,
+                timings=timings, parity=checks, speedup=speedups)
+
+
+def environment(device):
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    cuda = device.type == "cuda"
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        hostname=platform.node(), platform=platform.platform(), python=platform.python_version(),
+        cpu=cpu_model(), cpu_count=os.cpu_count(), load_average=load_average(),
+        torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
+        torch=torch.__version__, torchvision=torchvision.__version__, torch_cuda=torch.version.cuda,
+        gpu=torch.cuda.get_device_name(device) if cuda else None,
+        gpu_capability=".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
+        rpn_ops=rpn_ops.__version__, rpn_ops_path=str(Path(rpn_ops.__file__).parent),
+        rpn_ops_build=rpn_ops.build_info(),
+        git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+    )
+
+
+def load_average():
+    return os.getloadavg() if hasattr(os, "getloadavg") else None  # other work on the machine skews timings
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or None
+
+
+def table(rows, header):
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _ms(timing):
+    if timing is None:
+        return "-"
+    return "error" if "error" in timing else f"{timing['median_ms']:.3g}" if timing["median_ms"] < 100 \
+        else f"{timing['median_ms']:.0f}"
+
+
+def _speedup(result, other):
+    if other in result["speedup"]:
+        return f"{result['speedup'][other]:.1f}x"
+    return "WRONG" if result["parity"].get(other) == "MISMATCH" else "-"
+
+
+def _parity(result):
+    return ", ".join(f"{other} {check}" for other, check in result["parity"].items()) or "not checked"
+
+
+def summary_table(results):
+    header = ["op", "workload", "device", "ours ms", "torchvision ms", "reference ms", "vs torchvision",
+              "vs reference", "parity"]
+    rows = [[r["op"], r["label"], r["device"], *(_ms(r["timings"][impl]) for impl in IMPLEMENTATIONS),
+             _speedup(r, "torchvision"), _speedup(r, "reference"),
+             ("!! " if "MISMATCH" in r["parity"].values() else "") + _parity(r)] for r in results]
+    return table(rows, header)
+
+
+def detail_table(results):
+    header = ["workload", "implementation", "median ms", "min ms", "q1 ms", "q3 ms", "max ms", "runs"]
+    rows = [[r["workload"], impl, *(f"{t[key]:.4g}" for key in ("median_ms", "min_ms", "q1_ms", "q3_ms", "max_ms")),
+             t["runs"]]
+            for r in results for impl, t in r["timings"].items() if t and "error" not in t]
+    errors = [f"- {r['workload']} {impl}: {t['error']}" for r in results for impl, t in r["timings"].items()
+              if t and "error" in t]
+    return table(rows, header) + ("\n\nErrors:\n" + "\n".join(errors) if errors else "")
+
+
+def _load(averages):
+    return f"{averages[0]:.1f}" if averages else "?"
+
+
+def markdown(report):
+    env, settings = report["environment"], report["settings"]
+    build = env["rpn_ops_build"]
+    machine = env["gpu"] or f"{env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads"
+    return "\n\n".join([
+        f"# rpn_ops benchmarks: {settings['device']}",
+        f"{machine}; torch {env['torch']}, torchvision {env['torchvision']}, CUDA {env['torch_cuda']}; "
+        f"rpn_ops {env['rpn_ops']} (cpu_isa {build.get('cpu_isa')}, cuda {build.get('cuda')}), "
+        f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}; {env['date']}; "
+        f"load average {_load(env['load_average'])} before, {_load(settings.get('load_average_after'))} after",
+        "Medians in milliseconds; speedup = their median / ours, given only where the outputs agree.",
+        summary_table(report["results"]),
+        "## Samples",
+        detail_table(report["results"]),
+    ]) + "\n"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="the small ladder (CI, smoke tests)")
+    parser.add_argument("--ops", help="comma-separated substrings of workload names, e.g. nms-20k,box_iou")
+    parser.add_argument("--repeat", type=int, default=30, help="most timed calls per implementation")
+    parser.add_argument("--budget", type=float, help="seconds of timed calls per implementation and workload "
+                        "(default 2, 0.5 with --quick); a slower first call is the only sample")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json/.md")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if an output differs or an op fails")
+    parser.add_argument("--list", action="store_true", help="list the selected workloads and exit")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    args.budget = args.budget if args.budget is not None else 0.5 if args.quick else 2.0
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
+    workloads = select(args.ops, args.quick)
+    if args.list or not workloads:
+        print("\n".join(f"{w.name}: {w.op}, {w.label}" for w in workloads) or "no workload matches --ops")
+        return 0
+    report = dict(environment=environment(device),
+                  settings=dict(device=str(device), quick=args.quick, ops=args.ops, repeat=args.repeat,
+                                budget_s=args.budget, warmup_calls=WARMUP_CALLS),
+                  results=[])
+    started = time.perf_counter()
+    for workload in workloads:
+        print(f"{workload.name} on {device} ...", end=" ", flush=True)
+        report["results"].append(run_workload(workload, device, args.repeat, args.budget))
+        print(_parity(report["results"][-1]), flush=True)
+    report["settings"].update(wall_s=time.perf_counter() - started, load_average_after=load_average())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "results.md").write_text(markdown(report))
+    print()
+    print(summary_table(report["results"]))
+    print(f"\n{len(workloads)} workloads in {report['settings']['wall_s']:.0f} s; wrote {args.out}/results.json, "
+          f"{args.out}/results.md")
+    failed = any("MISMATCH" in r["parity"].values() or any(t and "error" in t for t in r["timings"].values())
+                 for r in report["results"])
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

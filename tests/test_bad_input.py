@@ -1,0 +1,257 @@
+"""Bad input raises a Python error that says what was wrong and names the argument, on every device; it never
+crashes the process (the whole matrix also runs in a subprocess, where a segfault fails the test)."""
+import os
+import re
+import subprocess
+import sys
+from typing import Callable, List, NamedTuple
+
+import pytest
+import torch
+
+import rpn_ops
+
+
+class Case(NamedTuple):
+    name: str
+    call: Callable[[str], object]  # device -> runs the op
+    error: type
+    match: str
+    cuda_only: bool = False
+
+
+def _boxes(device, n=6, dtype=torch.float32):
+    return torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=dtype, device=device).repeat(n, 1)
+
+
+def _scores(device, n=6, dtype=torch.float32):
+    return torch.linspace(1.0, 0.1, n, device=device).to(dtype)
+
+
+def _idxs(device, n=6, dtype=torch.int64):
+    return torch.zeros(n, dtype=dtype, device=device)
+
+
+def _other(device):
+    """A device that is not `device` (only meaningful with CUDA)."""
+    return "cpu" if device == "cuda" else "cuda"
+
+
+def nms_cases() -> List[Case]:
+    nms = rpn_ops.nms
+    b, s = _boxes, _scores
+    return [
+        Case("nms_boxes_1d", lambda d: nms(torch.rand(8, device=d), s(d), 0.5), RuntimeError,
+             r"boxes must be a 2-D tensor of shape \[N, 4\], got 1-D"),
+        Case("nms_boxes_3d", lambda d: nms(torch.rand(2, 6, 4, device=d), s(d), 0.5), RuntimeError,
+             r"boxes must be a 2-D tensor of shape \[N, 4\], got 3-D"),
+        Case("nms_boxes_0d", lambda d: nms(torch.tensor(1.0, device=d), s(d), 0.5), RuntimeError,
+             r"boxes must be a 2-D tensor"),
+        Case("nms_boxes_width_5", lambda d: nms(torch.rand(6, 5, device=d), s(d), 0.5), RuntimeError,
+             r"boxes must have shape \[N, 4\].*got shape \[6, 5\]"),
+        Case("nms_boxes_width_0", lambda d: nms(torch.rand(6, 0, device=d), s(d), 0.5), RuntimeError,
+             r"boxes must have shape \[N, 4\]"),
+        Case("nms_boxes_int32", lambda d: nms(b(d).int(), s(d), 0.5), TypeError,
+             r"boxes must be float16, bfloat16, float32 or float64, got Int"),
+        Case("nms_boxes_int64", lambda d: nms(b(d).long(), s(d), 0.5), TypeError, r"boxes must be .*got Long"),
+        Case("nms_boxes_uint8", lambda d: nms(b(d).to(torch.uint8), s(d), 0.5), TypeError, r"boxes must be .*got Byte"),
+        Case("nms_boxes_bool", lambda d: nms(b(d).bool(), s(d), 0.5), TypeError, r"boxes must be .*got Bool"),
+        Case("nms_boxes_complex", lambda d: nms(b(d).to(torch.complex64), s(d), 0.5), TypeError,
+             r"boxes must be .*got ComplexFloat"),
+        Case("nms_boxes_not_a_tensor", lambda d: nms([[0.0, 0.0, 1.0, 1.0]], s(d, 1), 0.5), RuntimeError,
+             r"argument 'boxes'"),
+        Case("nms_scores_too_short", lambda d: nms(b(d), s(d, 5), 0.5), RuntimeError,
+             r"scores must have one entry per box: boxes has 6 boxes but scores has 5 entries"),
+        Case("nms_scores_too_long", lambda d: nms(b(d), s(d, 7), 0.5), RuntimeError,
+             r"scores must have one entry per box: boxes has 6 boxes but scores has 7 entries"),
+        Case("nms_scores_2d", lambda d: nms(b(d), s(d).view(6, 1), 0.5), RuntimeError,
+             r"scores must be a 1-D tensor of shape \[N\], got 2-D"),
+        Case("nms_scores_0d", lambda d: nms(b(d, 1), s(d, 1)[0], 0.5), RuntimeError, r"scores must be a 1-D tensor"),
+        Case("nms_scores_int", lambda d: nms(b(d), s(d).long(), 0.5), TypeError, r"scores must be .*got Long"),
+        Case("nms_scores_float64_boxes_float32", lambda d: nms(b(d), s(d).double(), 0.5), TypeError,
+             r"boxes and scores must have the same dtype, got Float and Double"),
+        Case("nms_scores_float32_boxes_float16", lambda d: nms(b(d).half(), s(d), 0.5), TypeError,
+             r"boxes and scores must have the same dtype, got Half and Float"),
+        Case("nms_threshold_nan", lambda d: nms(b(d), s(d), float("nan")), ValueError,
+             r"iou_threshold must be a finite number, got nan"),
+        Case("nms_threshold_inf", lambda d: nms(b(d), s(d), float("inf")), ValueError,
+             r"iou_threshold must be a finite number, got inf"),
+        Case("nms_threshold_minus_inf", lambda d: nms(b(d), s(d), float("-inf")), ValueError,
+             r"iou_threshold must be a finite number, got -inf"),
+        Case("nms_threshold_none", lambda d: nms(b(d), s(d), None), TypeError, r"iou_threshold"),
+        Case("nms_max_output_negative", lambda d: nms(b(d), s(d), 0.5, -1), ValueError,
+             r"max_output must be None or >= 0, got -1"),
+        Case("nms_max_output_negative_on_empty", lambda d: nms(b(d, 0), s(d, 0), 0.5, -3), ValueError,
+             r"max_output must be None or >= 0, got -3"),
+        Case("nms_max_output_bool", lambda d: nms(b(d), s(d), 0.5, True), TypeError,
+             r"max_output must be None or an int, got bool"),
+        Case("nms_max_output_float", lambda d: nms(b(d), s(d), 0.5, 2.5), TypeError,
+             r"max_output must be None or an int, got float"),
+        Case("nms_scores_on_other_device", lambda d: nms(b(d), s(_other(d)), 0.5), RuntimeError,
+             r"boxes and scores must be on the same device", cuda_only=True),
+        Case("nms_boxes_on_other_device", lambda d: nms(b(_other(d)), s(d), 0.5), RuntimeError,
+             r"boxes and scores must be on the same device", cuda_only=True),
+    ]
+
+
+def batched_nms_cases() -> List[Case]:
+    bnms = rpn_ops.batched_nms
+    b, s, i = _boxes, _scores, _idxs
+    return [
+        Case("batched_boxes_1d", lambda d: bnms(torch.rand(8, device=d), s(d), i(d), 0.5), RuntimeError,
+             r"boxes must be a 2-D tensor of shape \[N, 4\], got 1-D"),
+        Case("batched_boxes_3d", lambda d: bnms(torch.rand(1, 6, 4, device=d), s(d), i(d), 0.5), RuntimeError,
+             r"boxes must be a 2-D tensor of shape \[N, 4\], got 3-D"),
+        Case("batched_boxes_width_3", lambda d: bnms(torch.rand(6, 3, device=d), s(d), i(d), 0.5), RuntimeError,
+             r"boxes must have shape \[N, 4\].*got shape \[6, 3\]"),
+        Case("batched_boxes_int", lambda d: bnms(b(d).int(), s(d), i(d), 0.5), TypeError, r"boxes must be .*got Int"),
+        Case("batched_scores_too_short", lambda d: bnms(b(d), s(d, 4), i(d), 0.5), RuntimeError,
+             r"scores must have one entry per box: boxes has 6 boxes but scores has 4 entries"),
+        Case("batched_scores_2d", lambda d: bnms(b(d), s(d).view(2, 3), i(d), 0.5), RuntimeError,
+             r"scores must be a 1-D tensor"),
+        Case("batched_scores_dtype_mismatch", lambda d: bnms(b(d).double(), s(d), i(d), 0.5), TypeError,
+             r"boxes and scores must have the same dtype, got Double and Float"),
+        Case("batched_idxs_too_short", lambda d: bnms(b(d), s(d), i(d, 5), 0.5), RuntimeError,
+             r"idxs must have one category per box: boxes has 6 boxes but idxs has 5 entries"),
+        Case("batched_idxs_too_long", lambda d: bnms(b(d), s(d), i(d, 9), 0.5), RuntimeError,
+             r"idxs must have one category per box: boxes has 6 boxes but idxs has 9 entries"),
+        Case("batched_idxs_2d", lambda d: bnms(b(d), s(d), i(d).view(6, 1), 0.5), RuntimeError,
+             r"idxs must be a 1-D tensor of shape \[N\], got 2-D"),
+        Case("batched_idxs_0d", lambda d: bnms(b(d, 1), s(d, 1), i(d, 1)[0], 0.5), RuntimeError,
+             r"idxs must be a 1-D tensor"),
+        Case("batched_idxs_float", lambda d: bnms(b(d), s(d), i(d).float(), 0.5), TypeError,
+             r"idxs must be an integer tensor \(int64, int32, ...\), got Float"),
+        Case("batched_idxs_bool", lambda d: bnms(b(d), s(d), i(d).bool(), 0.5), TypeError,
+             r"idxs must be an integer tensor .*got Bool"),
+        Case("batched_threshold_nan", lambda d: bnms(b(d), s(d), i(d), float("nan")), ValueError,
+             r"iou_threshold must be a finite number, got nan"),
+        Case("batched_threshold_inf", lambda d: bnms(b(d), s(d), i(d), float("inf")), ValueError,
+             r"iou_threshold must be a finite number, got inf"),
+        Case("batched_max_output_negative", lambda d: bnms(b(d), s(d), i(d), 0.5, -2), ValueError,
+             r"max_output must be None or >= 0, got -2"),
+        Case("batched_max_output_bool", lambda d: bnms(b(d), s(d), i(d), 0.5, False), TypeError,
+             r"max_output must be None or an int, got bool"),
+        Case("batched_idxs_on_other_device", lambda d: bnms(b(d), s(d), i(_other(d)), 0.5), RuntimeError,
+             r"boxes and idxs must be on the same device", cuda_only=True),
+        Case("batched_scores_on_other_device", lambda d: bnms(b(d), s(_other(d)), i(d), 0.5), RuntimeError,
+             r"boxes and scores must be on the same device", cuda_only=True),
+    ]
+
+
+def box_iou_cases() -> List[Case]:
+    iou = rpn_ops.box_iou
+    b = _boxes
+    return [
+        Case("iou_boxes1_1d", lambda d: iou(torch.rand(4, device=d), b(d)), RuntimeError,
+             r"boxes1 must have shape \[\.\.\., N, 4\], got 1-D"),
+        Case("iou_boxes2_0d", lambda d: iou(b(d), torch.tensor(1.0, device=d)), RuntimeError,
+             r"boxes2 must have shape \[\.\.\., N, 4\], got 0-D"),
+        Case("iou_boxes1_width_5", lambda d: iou(torch.rand(3, 5, device=d), b(d)), RuntimeError,
+             r"boxes1 must have shape \[\.\.\., N, 4\] \(x1, y1, x2, y2\), got shape \[3, 5\]"),
+        Case("iou_boxes2_width_3", lambda d: iou(b(d), torch.rand(2, 7, 3, device=d)), RuntimeError,
+             r"boxes2 must have shape \[\.\.\., N, 4\].*got shape \[2, 7, 3\]"),
+        Case("iou_boxes1_int", lambda d: iou(b(d).int(), b(d)), TypeError, r"boxes1 must be .*got Int"),
+        Case("iou_boxes2_bool", lambda d: iou(b(d), b(d).bool()), TypeError, r"boxes2 must be .*got Bool"),
+        Case("iou_dtype_mismatch", lambda d: iou(b(d), b(d).double()), TypeError,
+             r"boxes1 and boxes2 must have the same dtype, got Float and Double"),
+        Case("iou_dtype_mismatch_half", lambda d: iou(b(d).bfloat16(), b(d).half()), TypeError,
+             r"boxes1 and boxes2 must have the same dtype, got BFloat16 and Half"),
+        Case("iou_batch_not_broadcastable", lambda d: iou(torch.rand(2, 5, 4, device=d), torch.rand(3, 6, 4, device=d)),
+             RuntimeError, r"the batch dimensions of boxes1 \[2, 5, 4\] and boxes2 \[3, 6, 4\] do not broadcast"),
+        Case("iou_batch_not_broadcastable_inner", lambda d: iou(torch.rand(4, 2, 5, 4, device=d),
+                                                                torch.rand(4, 3, 6, 4, device=d)),
+             RuntimeError, r"the batch dimensions of boxes1 \[4, 2, 5, 4\] and boxes2 \[4, 3, 6, 4\] do not broadcast"),
+        Case("iou_boxes2_on_other_device", lambda d: iou(b(d), b(_other(d))), RuntimeError,
+             r"boxes1 and boxes2 must be on the same device", cuda_only=True),
+    ]
+
+
+CASES = nms_cases() + batched_nms_cases() + box_iou_cases()
+
+
+def check_case(case: Case, device: str) -> None:
+    """Raises AssertionError unless the op raises `case.error` with a message matching `case.match`."""
+    try:
+        case.call(device)
+    except case.error as error:
+        if not re.search(case.match, str(error)):
+            raise AssertionError(f"{case.name} on {device}: message {str(error)!r} does not match {case.match!r}")
+        return
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"{case.name} on {device}: expected {case.error.__name__}, got "
+                             f"{type(error).__name__}: {error}") from error
+    raise AssertionError(f"{case.name} on {device}: no error raised")
+
+
+def run_matrix() -> int:
+    """Every case on every device here; prints each failure. The exit status of the subprocess test."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    failures = 0
+    for device in devices:
+        for case in CASES:
+            if case.cuda_only and device == "cpu" and not torch.cuda.is_available():
+                continue
+            try:
+                check_case(case, device)
+            except AssertionError as error:
+                failures += 1
+                print(f"FAIL {error}", flush=True)
+        # The library still works after all those errors.
+        assert rpn_ops.nms(_boxes(device), _scores(device), 0.5).tolist() == [0]
+    print(f"checked {len(CASES)} cases on {devices}, {failures} failures", flush=True)
+    return 1 if failures else 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_raises_a_message_naming_the_argument(device, case):
+    if case.cuda_only and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device for a second device")
+    check_case(case, device)
+
+
+def test_bad_input_never_crashes_the_process():
+    """The whole matrix in a fresh interpreter: a crash (segfault, abort) fails here instead of killing pytest.
+    Mismatched messages are reported by the test above; here only the exit status of the process counts."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rpn_ops.__file__)))
+    code = (f"import sys; sys.path[:0] = [{tests_dir!r}, {package_root!r}]; import torch; import test_bad_input; "
+            "sys.exit(test_bad_input.run_matrix())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode >= 0, f"crashed with signal {-result.returncode}:\n{result.stdout}\n{result.stderr}"
+    assert "checked" in result.stdout, result.stdout + result.stderr
+
+
+def _narrow_boxes(b, s):
+    return rpn_ops.nms(b[:, :3], s, 0.5)
+
+
+def _short_scores(b, s):
+    return rpn_ops.nms(b, s[:4], 0.5)
+
+
+def _nan_threshold(b, s):
+    return rpn_ops.nms(b, s, float("nan"))
+
+
+def _negative_max_output(b, s):
+    return rpn_ops.batched_nms(b, s, torch.zeros(len(b), dtype=torch.int64), 0.5, -1)
+
+
+def _unbroadcastable_batches(b, s):
+    return rpn_ops.box_iou(b.view(2, 3, 4), b.view(3, 2, 4))
+
+
+@pytest.mark.parametrize("fn, match", [
+    (_narrow_boxes, r"boxes must have shape \[N, 4\]"),
+    (_short_scores, r"scores must have"),
+    (_nan_threshold, r"iou_threshold must be a finite number"),
+    (_negative_max_output, r"max_output must be None or >= 0"),
+    (_unbroadcastable_batches, r"boxes1 .*boxes2 .*broadcast"),
+], ids=["narrow_boxes", "short_scores", "nan_threshold", "negative_max_output", "unbroadcastable_batches"])
+def test_bad_input_under_torch_compile_names_the_argument(fn, match):
+    """Traced by the fake kernels, bad input still gets a message naming the argument."""
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(_boxes("cpu"), _scores("cpu"))
+    message = str(info.value).split("from user code:")[0]  # not the quoted source line
+    assert re.search(match, message), message

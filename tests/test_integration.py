@@ -1,0 +1,121 @@
+"""The package as users meet it: what the build reports, how it imports, what a failed load says."""
+import concurrent.futures
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rpn_ops
+from helpers import needs_cuda
+from rpn_ops import workloads
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(rpn_ops.__file__))
+PACKAGE_ROOT = os.path.dirname(PACKAGE_DIR)
+
+
+def run_python(code, cwd, extra_path=()):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*extra_path, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_public_api():
+    assert set(rpn_ops.__all__) >= {"nms", "batched_nms", "box_iou", "build_info", "set_cpu_isa"}
+    for name in ("nms", "batched_nms", "box_iou"):
+        assert hasattr(torch.ops.rpn_ops, name)
+        assert callable(getattr(rpn_ops, name)) and getattr(rpn_ops, name).__doc__
+
+
+def test_operator_schemas():
+    assert str(torch.ops.rpn_ops.nms.default._schema) == (
+        "rpn_ops::nms(Tensor boxes, Tensor scores, float iou_threshold, int? max_output=None) -> Tensor")
+    assert str(torch.ops.rpn_ops.batched_nms.default._schema) == (
+        "rpn_ops::batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
+        "int? max_output=None) -> Tensor")
+    assert str(torch.ops.rpn_ops.box_iou.default._schema) == "rpn_ops::box_iou(Tensor boxes1, Tensor boxes2) -> Tensor"
+
+
+def test_build_info_reports_the_build():
+    info = rpn_ops.build_info()
+    assert {"cuda", "cuda_version", "cuda_archs", "built_with_torch", "cpu_isas_compiled", "cpu_isas_supported",
+            "cpu_isa"} <= set(info)
+    assert isinstance(info["cuda"], bool)
+    assert isinstance(info["cuda_version"], str) and isinstance(info["cuda_archs"], str)
+    assert info["built_with_torch"] == torch.__version__
+    assert info["cpu_isa"] in info["cpu_isas_supported"]
+    if info["cuda"]:
+        assert info["cuda_version"] and info["cuda_archs"]
+    else:
+        assert info["cuda_version"] == "" and info["cuda_archs"] == ""
+
+
+def test_build_info_is_a_fresh_dict():
+    info = rpn_ops.build_info()
+    info["cuda"] = "changed"
+    assert rpn_ops.build_info()["cuda"] != "changed"
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_kernels_are_built_where_cuda_is_available():
+    """On a machine with a GPU the CUDA kernels must be in the build, for an arch this GPU can run."""
+    info = rpn_ops.build_info()
+    assert info["cuda"] is True
+    assert info["cuda_version"]
+    capability = torch.cuda.get_device_capability()
+    archs = [(int(major), int(minor)) for major, minor in re.findall(r"(\d+)\.(\d+)", info["cuda_archs"])]
+    assert archs and min(archs) <= capability, (info["cuda_archs"], capability)
+
+
+def test_concurrent_calls_from_threads_give_the_sequential_results(device):
+    inputs = []
+    for seed in range(8):
+        boxes, scores = workloads.rpn_like_boxes(3000, seed=seed, device=device)
+        inputs.append((boxes, scores, workloads.categories(3000, 4, seed=seed, device=device)))
+
+    def run(args):
+        boxes, scores, idxs = args
+        return (rpn_ops.nms(boxes, scores, 0.6).cpu(), rpn_ops.batched_nms(boxes, scores, idxs, 0.6, 500).cpu(),
+                rpn_ops.box_iou(boxes[:50], boxes).cpu())
+
+    sequential = [run(args) for args in inputs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent_results = list(pool.map(run, inputs * 3))
+    for k, result in enumerate(concurrent_results):
+        for got, expected in zip(result, sequential[k % len(inputs)]):
+            assert torch.equal(got, expected), k
+
+
+def test_import_without_importing_torch_first(tmp_path):
+    """`import rpn_ops` is the first thing a user types: it must load torch's libraries itself."""
+    result = run_python("import rpn_ops; print(rpn_ops.nms.__module__)", cwd=tmp_path, extra_path=[PACKAGE_ROOT])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rpn_ops.ops" in result.stdout
+
+
+def test_a_failed_load_keeps_the_original_error(tmp_path):
+    """A package without its compiled extension says so, and keeps the cause (here a missing module)."""
+    fake = tmp_path / "rpn_ops"
+    fake.mkdir()
+    for source in glob.glob(os.path.join(PACKAGE_DIR, "*.py")):
+        shutil.copy(source, fake)
+    assert not glob.glob(str(fake / "_C*"))
+    code = ("import torch\n"
+            "try:\n"
+            "    import rpn_ops\n"
+            "except ImportError as error:\n"
+            "    print('MESSAGE', error)\n"
+            "    print('CAUSE', type(error.__cause__).__name__, error.__cause__)\n"
+            "else:\n"
+            "    raise SystemExit('imported without _C from ' + rpn_ops.__file__)\n")
+    result = run_python(code, cwd=tmp_path, extra_path=[str(tmp_path)])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "rpn_ops could not load" in result.stdout
+    assert "No module named" in result.stdout.split("CAUSE")[0]  # the message itself names the cause
+    assert "CAUSE ModuleNotFoundError No module named" in result.stdout  # and chains it
