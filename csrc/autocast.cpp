@@ -22,7 +22,9 @@ template <c10::DispatchKey key, c10::DeviceType device>
 at::Tensor nms_autocast(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
                         std::optional<int64_t> max_output) {
   NoAutocast<key> off;
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rpn_ops::nms", "").typed<decltype(nms_autocast<key, device>)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::nms", "")
+                       .typed<decltype(nms_autocast<key, device>)>();
   return op.call(to_float<device>(boxes), to_float<device>(scores), iou_threshold, max_output);
 }
 

@@ -99,6 +99,13 @@ std::vector<int64_t> check_box_iou_inputs(const at::Tensor& boxes1, const at::Te
   return batch;
 }
 
+at::Tensor as_batched_boxes(const at::Tensor& boxes, const std::vector<int64_t>& batch, at::ScalarType type) {
+  std::vector<int64_t> shape = batch;
+  shape.push_back(boxes.size(-2));
+  shape.push_back(4);
+  return boxes.to(type).expand(shape).reshape({-1, boxes.size(-2), 4}).contiguous();
+}
+
 at::ScalarType compute_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -26,6 +26,10 @@ void check_batched_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores,
 // Returns the broadcast batch shape of the two [..., N, 4] and [..., M, 4] inputs.
 std::vector<int64_t> check_box_iou_inputs(const at::Tensor& boxes1, const at::Tensor& boxes2);
 
+// [..., count, 4] boxes broadcast to the batch shape from check_box_iou_inputs, as a contiguous
+// [batch entries, count, 4] tensor of the compute type: what the box_iou kernels of both devices read.
+at::Tensor as_batched_boxes(const at::Tensor& boxes, const std::vector<int64_t>& batch, at::ScalarType type);
+
 // float16 / bfloat16 are computed in float32; float32 and float64 in their own type.
 at::ScalarType compute_type(at::ScalarType input);
 

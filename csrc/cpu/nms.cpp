@@ -224,8 +224,9 @@ at::Tensor greedy_nms(const at::Tensor& boxes, const at::Tensor& scores, const s
   const ScoreOrder score{order.data(), layout.slot_of_box.data(), n};
   std::vector<uint32_t> suppressed(layout.groups * kGroupBlocks, 0);
   at::Tensor keep = at::empty({std::min(n, max_output)}, boxes.options().dtype(at::kLong));
-  const int64_t kept = kernels_for<T>(current_isa()).greedy_nms(layout.view(), score, threshold_for<T>(iou_threshold), prune,
-                                                     max_output, suppressed.data(), keep.data_ptr<int64_t>());
+  const int64_t kept = kernels_for<T>(current_isa()).greedy_nms(
+      layout.view(), score, threshold_for<T>(iou_threshold), prune, max_output, suppressed.data(),
+      keep.data_ptr<int64_t>());
   return keep.narrow(0, 0, kept);
 }
 

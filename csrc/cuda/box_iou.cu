@@ -58,13 +58,7 @@ at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   out_shape.push_back(m);
   at::Tensor out = at::empty(out_shape, boxes1.options().dtype(type));
   if (out.numel() == 0) return out;
-  auto flat = [&](const at::Tensor& boxes, int64_t count) {
-    std::vector<int64_t> shape = batch;
-    shape.push_back(count);
-    shape.push_back(4);
-    return boxes.to(type).expand(shape).reshape({-1, count, 4}).contiguous();
-  };
-  const auto b1 = flat(boxes1, n), b2 = flat(boxes2, m);
+  const auto b1 = as_batched_boxes(boxes1, batch, type), b2 = as_batched_boxes(boxes2, batch, type);
   const int64_t entries = b1.size(0);
   const int64_t tiles = entries * ceil_div(n, kTileRows) * ceil_div(m, kTileColumns);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX)));
