@@ -1,5 +1,5 @@
 // Rows of the IoU matrix, a register of columns at a time, through the same iou_of the scalar and CUDA code
-// use. Compiled once per instruction set: included by simd_<isa>.cpp after simd_vectors.h.
+// use. Compiled once per instruction set: included by simd_isa.h after simd_vectors.h.
 
 template <typename T>
 void iou_rows(const T* rows, int64_t row_count, const ColumnBoxes<T>& columns, T* out) {

@@ -1,4 +1,4 @@
-// The greedy NMS loop, compiled once per instruction set: included by simd_<isa>.cpp after simd_vectors.h.
+// The greedy NMS loop, compiled once per instruction set: included by simd_isa.h after simd_vectors.h.
 //
 // A block of kBlockSize boxes is compared with a kept box a register at a time (GCC vector extensions), by
 // the same iou_of the scalar and CUDA code use; lane masks become bit masks, walked with count-trailing-zeros.

@@ -1,39 +1,8 @@
-// The CPU hot loops (simd_kernels.h) compiled for the avx512 instruction set (64-byte vectors); chosen at run time by
-// cpu/nms.cpp. Library headers come first, outside the target pragma; box_math.h after it, so its
-// (internal-linkage) functions are compiled for this instruction set too, vector operations included.
-#include <cfloat>
-#include <cmath>
-#include <cstdint>
-#include <type_traits>
-
+// The CPU hot loops for AVX-512: 64-byte vectors.
 #include "isa_targets.h"
-#include "simd_kernels.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-// Vectors wider than the baseline registers only live inside inlined code; no ABI crosses this file.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define RPN_VECTOR_BYTES 64
 #if defined(RPN_OPS_X86_ISAS)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#endif
-
-#include "../box_math.h"
-
-namespace rpn_ops::cpu::avx512 {
-constexpr int kVectorBytes = RPN_VECTOR_BYTES;
-#include "simd_vectors.h"
-#include "nms_greedy_impl.h"
-#include "box_iou_impl.h"
-}  // namespace rpn_ops::cpu::avx512
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#define RPN_ISA avx512
+#define RPN_VECTOR_BYTES 64
+#define RPN_ISA_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+#include "simd_isa.h"
 #endif

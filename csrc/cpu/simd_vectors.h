@@ -1,6 +1,6 @@
 // SIMD vectors for the CPU hot loops: GCC vector extensions of the register width kVectorBytes, so the same
-// source compiles to SSE, AVX2 or AVX-512. Included once per instruction set by simd_<isa>.cpp, after that
-// file's target pragma and inside its namespace; so this and the *_impl.h files include nothing themselves
+// source compiles to SSE, AVX2 or AVX-512. Included once per instruction set by simd_isa.h, after the
+// target pragma and inside its namespace; so this and the *_impl.h files include nothing themselves
 // (every library header comes before the pragma, keeping library code out of the ISA-specific build).
 
 namespace {
