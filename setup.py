@@ -77,6 +77,11 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
 if sys.platform == "win32":
     cxx_flags = ["/O2", "/fp:precise"]
+# at::parallel_for is inlined into our code: without OpenMP it runs on one thread. Compile with OpenMP when
+# torch uses it; the OpenMP calls then resolve to torch's own runtime, already loaded (torch_scatter does so).
+uses_openmp = "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin"
+if uses_openmp:
+    cxx_flags.append("/openmp" if sys.platform == "win32" else "-fopenmp")
 macros = [("RPN_OPS_TORCH_VERSION", f'"{torch.__version__}"')]
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -91,7 +96,8 @@ else:
 
 print(f"rpn_ops: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels ({why}); "
       f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}, archs {cuda_archs}" if with_cuda else "")
-      + f"; {len(sources)} sources", flush=True)
+      + f"; {len(sources)} sources" + ("; OpenMP threads" if uses_openmp else "; single-threaded CPU loops"),
+      flush=True)
 
 setup(
     name="rpn_ops",

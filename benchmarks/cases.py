@@ -9,6 +9,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch  # before rpn_ops: its extension links against torch's libraries
 import torchvision
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 
 import rpn_ops
 from rpn_ops import reference, workloads
@@ -21,7 +23,7 @@ REFERENCE_NMS_MAX_BOXES = 5_000  # the reference NMS is a Python loop per kept b
 @dataclass(frozen=True)
 class Workload:
     name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
-    op: str  # "nms", "batched_nms", "box_iou"
+    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode"
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -88,6 +90,75 @@ def box_iou_workload(n: int, m: int, quick=False) -> Workload:
         rpn_ops.box_iou, torchvision.ops.box_iou, reference.box_iou, quick=quick)
 
 
+def _fpn_inputs(num_images: int, device):
+    return workloads.fpn_batch(num_images, device=device)
+
+
+def _reference_anchors(images, features):
+    cells = [reference_cells.to(features[0]) for reference_cells in _FPN_CELLS]
+    height, width = images.tensors.shape[-2:]
+    grid_sizes = [f.shape[-2:] for f in features]
+    strides = [(height // h, width // w) for h, w in grid_sizes]
+    return [reference.grid_anchors(cells, grid_sizes, strides) for _ in images.image_sizes]
+
+
+_FPN_CELLS = [rpn_ops.cell_anchors(s, r) for s, r in zip(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS)]
+
+
+def anchors_workload(num_images: int, quick=False) -> Workload:
+    height, width = workloads.IMAGE_SIZE
+    return Workload(
+        f"anchors-{height}x{width}-b{num_images}", "anchors", f"FPN, {height}x{width}, batch {num_images}",
+        dict(images=num_images), partial(_fpn_inputs, num_images),
+        rpn_ops.AnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS),
+        TorchvisionAnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS),
+        _reference_anchors, quick=quick)
+
+
+def _rpn_anchor_count() -> int:
+    height, width = workloads.IMAGE_SIZE
+    return sum(-(-height // s) * -(-width // s) * 3 for s in workloads.FPN_STRIDES)
+
+
+def _decode_inputs(num_images: int, device):
+    """The RPN's decode: deltas of every anchor of every image, and per-image anchors as torchvision's
+    AnchorGenerator gives them (separate tensors: no zero-copy shortcut for us)."""
+    images, features = workloads.fpn_batch(num_images, device=device)
+    anchors = [a.clone() for a in rpn_ops.AnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS)(
+        images, features)]
+    return workloads.box_deltas(num_images * len(anchors[0]), scale=0.5, device=device), anchors
+
+
+def _encode_inputs(num_images: int, device):
+    """The RPN's regression targets: matched ground truth (50 boxes per image) against every anchor."""
+    _, anchors = _decode_inputs(num_images, device)
+    anchors = torch.cat(anchors)
+    gt = workloads.gt_boxes(50, seed=3, device=device)
+    return gt[torch.arange(len(anchors), device=device) % 50], anchors
+
+
+def _reference_decode(codes, anchors):
+    return reference.decode_boxes(codes, torch.cat(anchors), (1.0, 1.0, 1.0, 1.0)).reshape(len(codes), -1, 4)
+
+
+def decode_workload(num_images: int, quick=False) -> Workload:
+    count = _count(_rpn_anchor_count() // 1000 * 1000)
+    return Workload(
+        f"decode-{num_images}x{count}", "decode", f"RPN deltas, {num_images} x {_rpn_anchor_count()} anchors",
+        dict(images=num_images, boxes=num_images * _rpn_anchor_count()), partial(_decode_inputs, num_images),
+        rpn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0)).decode, TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).decode,
+        _reference_decode, quick=quick)
+
+
+def encode_workload(num_images: int, quick=False) -> Workload:
+    count = _count(_rpn_anchor_count() // 1000 * 1000)
+    return Workload(
+        f"encode-{num_images}x{count}", "encode", f"RPN targets, {num_images} x {_rpn_anchor_count()} anchors",
+        dict(images=num_images, boxes=num_images * _rpn_anchor_count()), partial(_encode_inputs, num_images),
+        rpn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single, TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single,
+        partial(reference.encode_boxes, weights=(1.0, 1.0, 1.0, 1.0)), quick=quick)
+
+
 WORKLOADS: List[Workload] = [
     *(nms_workload(n, quick=n <= 5_000) for n in (1_000, 5_000, 20_000, 100_000)),
     *(nms_workload(n, max_output=1000) for n in (20_000, 100_000)),
@@ -95,6 +166,12 @@ WORKLOADS: List[Workload] = [
       for classes in (80, 5) for n in (1_000, 5_000, 20_000, 100_000)),
     box_iou_workload(2_000, 2_000, quick=True),
     box_iou_workload(200_000, 50),
+    anchors_workload(2, quick=True),
+    anchors_workload(8),
+    decode_workload(2, quick=True),
+    decode_workload(8),
+    encode_workload(2),
+    encode_workload(8),
 ]
 
 
@@ -106,12 +183,20 @@ def select(ops: Optional[str] = None, quick: bool = False) -> List[Workload]:
 
 
 def parity(workload: Workload, ours, theirs, inputs) -> str:
-    """'equal' (torch.equal), 'equal up to ties' (NMS: same kept set, order differs only between equal
-    scores), or 'MISMATCH'."""
-    if torch.equal(ours, theirs):
+    """'equal' (torch.equal; NaN equal to NaN; lists element by element), 'equal up to ties' (NMS: same kept
+    set, order differs only between equal scores), or 'MISMATCH'."""
+    if isinstance(ours, (list, tuple)):
+        same = isinstance(theirs, (list, tuple)) and len(ours) == len(theirs) and all(
+            _equal(a, b) for a, b in zip(ours, theirs))
+        return "equal" if same else "MISMATCH"
+    if _equal(ours, theirs):
         return "equal"
     if workload.scores_arg is not None and ours.shape == theirs.shape:
         scores = inputs[workload.scores_arg]
         if torch.equal(ours.sort().values, theirs.sort().values) and torch.equal(scores[ours], scores[theirs]):
             return "equal up to ties"
     return "MISMATCH"
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -91,8 +91,17 @@ def run_workload(workload, device, repeat, budget_s):
             if checks[other] != "MISMATCH":
                 speedups[other] = timings[other]["median_ms"] / timings["ours"]["median_ms"]
     return dict(workload=workload.name, op=workload.op, label=workload.label, params=workload.params,
-                device=str(device), output_shape=list(outputs["ours"].shape) if "ours" in outputs else None,
+                device=str(device), output_shape=_shape(outputs.get("ours")),
                 timings=timings, parity=checks, speedup=speedups)
+
+
+def _shape(output):
+    """The output's shape; for a list of tensors (per-image outputs), the list of their shapes."""
+    if output is None:
+        return None
+    if isinstance(output, (list, tuple)):
+        return [list(t.shape) for t in output]
+    return list(output.shape)
 
 
 def environment(device):

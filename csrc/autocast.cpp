@@ -1,6 +1,7 @@
-// Autocast: float16 / bfloat16 arguments are cast to float32, then the op runs with autocast off.
-// The kernels already compute half precision in float32, so this only matters for mixed inputs
+// Autocast. NMS family and box_iou: float16 / bfloat16 arguments are cast to float32, then the op runs with
+// autocast off. The kernels already compute half precision in float32, so this only matters for mixed inputs
 // (float16 scores with float32 boxes, as an autocast model produces them), which are valid under autocast.
+// Box coding: see below.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -47,6 +48,27 @@ at::Tensor box_iou_autocast(const at::Tensor& boxes1, const at::Tensor& boxes2) 
   return op.call(to_float<device>(boxes1), to_float<device>(boxes2));
 }
 
+// Box coding casts nothing: it follows what CUDA autocast does to torchvision's plain-tensor arithmetic, which
+// runs only torch.exp / torch.log in float32 (their float16 / bfloat16 inputs are cast, the results are
+// float32). CPU autocast leaves exp / log alone, so the coding ops have no AutocastCPU kernel.
+at::Tensor decode_boxes_autocast_cuda(const at::Tensor& rel_codes, const at::Tensor& boxes,
+                                      at::ArrayRef<double> weights, double bbox_xform_clip, bool /*float32_exp*/) {
+  NoAutocast<c10::DispatchKey::AutocastCUDA> off;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
+                       .typed<decltype(decode_boxes_autocast_cuda)>();
+  return op.call(rel_codes, boxes, weights, bbox_xform_clip, /*float32_exp=*/true);
+}
+
+at::Tensor encode_boxes_autocast_cuda(const at::Tensor& reference_boxes, const at::Tensor& proposals,
+                                      at::ArrayRef<double> weights, bool /*float32_log*/) {
+  NoAutocast<c10::DispatchKey::AutocastCUDA> off;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::encode_boxes", "")
+                       .typed<decltype(encode_boxes_autocast_cuda)>();
+  return op.call(reference_boxes, proposals, weights, /*float32_log=*/true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rpn_ops, AutocastCPU, m) {
@@ -61,6 +83,8 @@ TORCH_LIBRARY_IMPL(rpn_ops, AutocastCUDA, m) {
   m.impl("nms", TORCH_FN((nms_autocast<key, c10::DeviceType::CUDA>)));
   m.impl("batched_nms", TORCH_FN((batched_nms_autocast<key, c10::DeviceType::CUDA>)));
   m.impl("box_iou", TORCH_FN((box_iou_autocast<key, c10::DeviceType::CUDA>)));
+  m.impl("decode_boxes", TORCH_FN(decode_boxes_autocast_cuda));
+  m.impl("encode_boxes", TORCH_FN(encode_boxes_autocast_cuda));
 }
 
 }  // namespace rpn_ops

@@ -99,6 +99,83 @@ std::vector<int64_t> check_box_iou_inputs(const at::Tensor& boxes1, const at::Te
   return batch;
 }
 
+std::vector<AnchorLevel> check_grid_anchors_inputs(const at::Tensor& cell_anchors, at::IntArrayRef cells_per_level,
+                                                   at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+                                                   int64_t num_images, int64_t& total_anchors) {
+  TORCH_CHECK(cell_anchors.dim() == 2 && cell_anchors.size(1) == 4,
+              "cell_anchors must have shape [cells, 4] (x1, y1, x2, y2), got shape ", cell_anchors.sizes());
+  check_box_dtype(cell_anchors, "cell_anchors");
+  const int64_t levels = static_cast<int64_t>(cells_per_level.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grid_sizes.size()) == 2 * levels,
+                    "grid_sizes must hold (height, width) for each of the ", levels, " levels, got ",
+                    grid_sizes.size(), " values");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(strides.size()) == 2 * levels,
+                    "strides must hold (stride_y, stride_x) for each of the ", levels, " levels, got ",
+                    strides.size(), " values");
+  TORCH_CHECK_VALUE(num_images >= 0, "num_images must be >= 0, got ", num_images);
+  std::vector<AnchorLevel> layout;
+  int64_t first_cell = 0;
+  total_anchors = 0;
+  for (int64_t l = 0; l < levels; ++l) {
+    const int64_t cells = cells_per_level[l], height = grid_sizes[2 * l], width = grid_sizes[2 * l + 1];
+    TORCH_CHECK_VALUE(cells >= 0, "cells_per_level[", l, "] must be >= 0, got ", cells);
+    TORCH_CHECK_VALUE(height >= 0 && width >= 0, "the grid size of level ", l, " must be >= 0, got (", height,
+                      ", ", width, ")");
+    TORCH_CHECK_VALUE(strides[2 * l] >= 0 && strides[2 * l + 1] >= 0, "the strides of level ", l,
+                      " must be >= 0, got (", strides[2 * l], ", ", strides[2 * l + 1], ")");
+    const double level_anchors = static_cast<double>(height) * static_cast<double>(width) * cells;
+    TORCH_CHECK_VALUE(static_cast<double>(total_anchors) + level_anchors <= static_cast<double>(kMaxBoxes),
+                      "the anchors of all levels pass ", kMaxBoxes, " per image (level ", l, ": ", height, " x ",
+                      width, " x ", cells, ")");
+    layout.push_back({total_anchors, width, strides[2 * l], strides[2 * l + 1], first_cell, cells});
+    total_anchors += height * width * cells;
+    first_cell += cells;
+  }
+  TORCH_CHECK_VALUE(first_cell == cell_anchors.size(0), "cells_per_level sums to ", first_cell,
+                    " but cell_anchors has ", cell_anchors.size(0), " rows");
+  TORCH_CHECK_VALUE(num_images == 0 || static_cast<double>(total_anchors) * num_images * 4 < 9.2e18,
+                    "num_images x anchors overflows");
+  return layout;
+}
+
+namespace {
+
+void check_weights(at::ArrayRef<double> weights) {
+  TORCH_CHECK_VALUE(weights.size() == 4, "weights must hold 4 numbers (wx, wy, ww, wh), got ", weights.size());
+  for (double w : weights) {
+    TORCH_CHECK_VALUE(std::isfinite(w) && w > 0, "weights must be finite and > 0, got ", weights);
+  }
+}
+
+}  // namespace
+
+void check_decode_inputs(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights,
+                         double bbox_xform_clip) {
+  TORCH_CHECK(rel_codes.dim() == 2 && rel_codes.size(1) % 4 == 0,
+              "rel_codes must have shape [N, 4 * K] (dx, dy, dw, dh per class), got shape ", rel_codes.sizes());
+  check_box_dtype(rel_codes, "rel_codes");
+  check_boxes(boxes, "boxes");
+  TORCH_CHECK(rel_codes.size(0) == boxes.size(0), "rel_codes must have one row per box: boxes has ",
+              boxes.size(0), " boxes but rel_codes has ", rel_codes.size(0), " rows");
+  check_same_device(rel_codes, "rel_codes", boxes, "boxes");
+  check_weights(weights);
+  TORCH_CHECK_VALUE(!std::isnan(bbox_xform_clip), "bbox_xform_clip must be a number, got NaN");
+}
+
+void check_encode_inputs(const at::Tensor& reference_boxes, const at::Tensor& proposals,
+                         at::ArrayRef<double> weights) {
+  check_boxes(reference_boxes, "reference_boxes");
+  check_boxes(proposals, "proposals");
+  TORCH_CHECK(reference_boxes.size(0) == proposals.size(0), "reference_boxes and proposals must have the same ",
+              "number of boxes, got ", reference_boxes.size(0), " and ", proposals.size(0));
+  check_same_device(reference_boxes, "reference_boxes", proposals, "proposals");
+  check_weights(weights);
+}
+
+at::ScalarType coding_output_type(at::ScalarType computed, bool float32_math) {
+  return float32_math && (computed == at::kHalf || computed == at::kBFloat16) ? at::kFloat : computed;
+}
+
 at::Tensor as_batched_boxes(const at::Tensor& boxes, const std::vector<int64_t>& batch, at::ScalarType type) {
   std::vector<int64_t> shape = batch;
   shape.push_back(boxes.size(-2));

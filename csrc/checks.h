@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "box_coding.h"
+
 namespace rpn_ops {
 
 // The largest box count a kernel accepts; it keeps every index and count in int32 on the GPU.
@@ -23,6 +25,19 @@ void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, double 
                       const std::optional<int64_t>& max_output);
 void check_batched_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                               double iou_threshold, const std::optional<int64_t>& max_output);
+// Anchor generation: checks the specification and returns each level's layout (AnchorLevel, box_coding.h)
+// and, last, the total anchor count per image.
+std::vector<AnchorLevel> check_grid_anchors_inputs(const at::Tensor& cell_anchors, at::IntArrayRef cells_per_level,
+                                                   at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+                                                   int64_t num_images, int64_t& total_anchors);
+void check_decode_inputs(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights,
+                         double bbox_xform_clip);
+void check_encode_inputs(const at::Tensor& reference_boxes, const at::Tensor& proposals,
+                         at::ArrayRef<double> weights);
+// The output dtype of decode (float32_exp) and encode (float32_log): float32 for float16 / bfloat16 when the
+// exponential / logarithm runs in float32, else the computation's dtype.
+at::ScalarType coding_output_type(at::ScalarType computed, bool float32_math);
+
 // Returns the broadcast batch shape of the two [..., N, 4] and [..., M, 4] inputs.
 std::vector<int64_t> check_box_iou_inputs(const at::Tensor& boxes1, const at::Tensor& boxes2);
 

@@ -1,6 +1,11 @@
 """rpn_ops: fast, torchvision-exact Region Proposal Network operators for PyTorch (CPU and CUDA)."""
 from ._library import build_info, set_cpu_isa
-from .ops import batched_nms, box_iou, nms
+from .anchors import AnchorGenerator, cell_anchors
+from .box_coder import BoxCoder
+from .ops import batched_nms, box_iou, decode_boxes, encode_boxes, grid_anchors, nms
 
-__all__ = ["batched_nms", "box_iou", "build_info", "nms", "set_cpu_isa"]
+__all__ = [
+    "AnchorGenerator", "BoxCoder", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes",
+    "encode_boxes", "grid_anchors", "nms", "set_cpu_isa",
+]
 __version__ = "0.1.0"

@@ -61,3 +61,35 @@ def _box_iou_fake(boxes1, boxes2):
         raise RuntimeError(f"the batch dimensions of boxes1 {list(boxes1.shape)} and boxes2 "
                            f"{list(boxes2.shape)} do not broadcast") from error
     return boxes1.new_empty((*batch, boxes1.shape[-2], boxes2.shape[-2]), dtype=_compute_dtype(boxes1.dtype))
+
+
+def _coding_dtype(computed: torch.dtype, float32_math: bool) -> torch.dtype:
+    return torch.float32 if float32_math and computed in (torch.float16, torch.bfloat16) else computed
+
+
+@torch.library.register_fake("rpn_ops::grid_anchors")
+def _grid_anchors_fake(cell_anchors, cells_per_level, grid_sizes, strides, num_images=1):
+    torch._check(len(grid_sizes) == 2 * len(cells_per_level) and len(strides) == 2 * len(cells_per_level),
+                 lambda: "grid_sizes and strides must hold two values per level")
+    total = sum(grid_sizes[2 * level] * grid_sizes[2 * level + 1] * cells
+                for level, cells in enumerate(cells_per_level))
+    return cell_anchors.new_empty((num_images, total, 4))
+
+
+@torch.library.register_fake("rpn_ops::decode_boxes")
+def _decode_boxes_fake(rel_codes, boxes, weights, bbox_xform_clip, float32_exp=False):
+    torch._check(rel_codes.dim() == 2 and rel_codes.shape[1] % 4 == 0,
+                 lambda: f"rel_codes must have shape [N, 4 * K], got {tuple(rel_codes.shape)}")
+    _check_boxes(boxes, "boxes")
+    torch._check(rel_codes.shape[0] == boxes.shape[0], lambda: "rel_codes must have one row per box")
+    return rel_codes.new_empty(rel_codes.shape, dtype=_coding_dtype(rel_codes.dtype, float32_exp))
+
+
+@torch.library.register_fake("rpn_ops::encode_boxes")
+def _encode_boxes_fake(reference_boxes, proposals, weights, float32_log=False):
+    _check_boxes(reference_boxes, "reference_boxes")
+    _check_boxes(proposals, "proposals")
+    torch._check(reference_boxes.shape[0] == proposals.shape[0],
+                 lambda: "reference_boxes and proposals must have the same number of boxes")
+    dtype = _coding_dtype(torch.promote_types(reference_boxes.dtype, proposals.dtype), float32_log)
+    return reference_boxes.new_empty((reference_boxes.shape[0], 4), dtype=dtype)

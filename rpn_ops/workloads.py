@@ -4,12 +4,49 @@ Region proposals are not uniform noise: they come in clusters around objects (ma
 the same object), with sizes spread over the FPN scales. NMS cost depends on exactly that structure.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 IMAGE_SIZE = (800, 1216)  # (height, width) of a typical Faster R-CNN input batch
+
+# torchvision's Faster R-CNN FPN anchors: one size per level, three aspect ratios, strides 4..64.
+FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
+FPN_ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * len(FPN_SIZES)
+FPN_STRIDES = (4, 8, 16, 32, 64)
+
+
+class ImageBatch(NamedTuple):
+    """What an AnchorGenerator reads of torchvision's ImageList: the padded batch and each image's size."""
+    tensors: Tensor
+    image_sizes: List[Tuple[int, int]]
+
+
+def fpn_batch(
+    num_images: int,
+    image_size: Tuple[int, int] = IMAGE_SIZE,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    strides: Sequence[int] = FPN_STRIDES,
+    channels: int = 1,
+) -> Tuple[ImageBatch, List[Tensor]]:
+    """A batch padded to ``image_size`` (images slightly smaller, as after batching) and one feature map per
+    stride with a ResNet-FPN backbone's sizes (ceil division: an 800 x 1216 batch gives a 13 x 19 map of
+    stride 64, whose integer-division strides are (61, 64))."""
+    height, width = image_size
+    images = ImageBatch(torch.zeros(num_images, 3, height, width, device=device),
+                        [(height - 7 * i, width - 5 * i) for i in range(num_images)])
+    features = [torch.zeros(num_images, channels, -(-height // s), -(-width // s), dtype=dtype, device=device)
+                for s in strides]
+    return images, features
+
+
+def box_deltas(n: int, classes: int = 1, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.float32,
+               device="cpu") -> Tensor:
+    """``[n, 4 * classes]`` regression deltas (dx, dy, dw, dh): normal with standard deviation ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4 * classes, generator=g) * scale).to(dtype=dtype, device=device)
 
 
 def rpn_like_boxes(

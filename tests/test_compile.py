@@ -128,3 +128,49 @@ def test_ops_run_on_a_side_cuda_stream():
     assert_indices(got[0], expected[0], device)
     assert_indices(got[1], expected[1], device)
     assert_same_iou(got[2], expected[2])
+
+
+def test_opcheck_grid_anchors(device):
+    cells = torch.cat([rpn_ops.cell_anchors((32, 64), (0.5, 1.0, 2.0), device=device),
+                       rpn_ops.cell_anchors((128,), (1.0,), device=device)])
+    for table, num_images in [(cells, 1), (cells.half(), 3), (cells.double(), 0), (cells.t().contiguous().t(), 2)]:
+        torch.library.opcheck(torch.ops.rpn_ops.grid_anchors.default, (table, [6, 1], [5, 7, 2, 3], [8, 8, 20, 24],
+                                                                       num_images))
+
+
+def test_opcheck_box_coding(device):
+    boxes, _ = workloads.rpn_like_boxes(200, seed=10, device=device)
+    codes = torch.randn(200, 8, device=device)
+    gt = workloads.rpn_like_boxes(200, seed=11, device=device)[0]
+    for args in [(codes, boxes, [1.0, 1.0, 1.0, 1.0], 4.1, False), (codes.half(), boxes, [10.0, 10.0, 5.0, 5.0], 4.1, True),
+                 (codes[:, :4].double(), boxes.double(), [1.0, 2.0, 3.0, 4.0], 1.0, False), (codes[:0], boxes[:0], [1.0] * 4, 4.1, False)]:
+        torch.library.opcheck(torch.ops.rpn_ops.decode_boxes.default, args)
+    for args in [(gt, boxes, [1.0, 1.0, 1.0, 1.0], False), (gt, boxes.half(), [10.0, 10.0, 5.0, 5.0], False),
+                 (gt.bfloat16(), boxes.bfloat16(), [1.0, 1.0, 1.0, 1.0], True)]:
+        torch.library.opcheck(torch.ops.rpn_ops.encode_boxes.default, args)
+
+
+def _anchor_and_decode_stage(generator, coder, images, features, codes):
+    anchors = generator(images, features)
+    proposals = coder.decode(codes, anchors)
+    targets = coder.encode_single(proposals.reshape(-1, 4), torch.cat(anchors))
+    return anchors, proposals, targets
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_of_anchors_and_box_coding_matches_eager(device, dynamic):
+    from torchvision.models.detection.image_list import ImageList
+
+    torch._dynamo.reset()
+    generator, coder = rpn_ops.AnchorGenerator(((32,), (64,)), ((0.5, 1.0, 2.0),) * 2), rpn_ops.BoxCoder((1., 1., 1., 1.))
+    compiled = torch.compile(_anchor_and_decode_stage, fullgraph=True, dynamic=dynamic,
+                             backend="aot_eager" if dynamic else "inductor")
+    for height, width in [(128, 192), (160, 96)]:
+        images = ImageList(torch.zeros(2, 3, height, width, device=device), [(height, width)] * 2)
+        features = [torch.zeros(2, 4, height // s, width // s, device=device) for s in (8, 16)]
+        codes = torch.randn(2 * (height * width // 64 + height * width // 256) * 3, 4, device=device)
+        expected = _anchor_and_decode_stage(generator, coder, images, features, codes)
+        got = compiled(generator, coder, images, features, codes)
+        for g, e in zip(got[0], expected[0]):
+            assert torch.equal(g, e)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])

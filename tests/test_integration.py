@@ -27,10 +27,50 @@ def run_python(code, cwd, extra_path=()):
 
 
 def test_public_api():
-    assert set(rpn_ops.__all__) >= {"nms", "batched_nms", "box_iou", "build_info", "set_cpu_isa"}
-    for name in ("nms", "batched_nms", "box_iou"):
+    assert set(rpn_ops.__all__) >= {"nms", "batched_nms", "box_iou", "build_info", "set_cpu_isa", "AnchorGenerator",
+                                    "BoxCoder", "cell_anchors", "grid_anchors", "decode_boxes", "encode_boxes"}
+    for name in ("nms", "batched_nms", "box_iou", "grid_anchors", "decode_boxes", "encode_boxes"):
         assert hasattr(torch.ops.rpn_ops, name)
         assert callable(getattr(rpn_ops, name)) and getattr(rpn_ops, name).__doc__
+    assert all(getattr(rpn_ops, name).__doc__ for name in ("AnchorGenerator", "BoxCoder", "cell_anchors"))
+
+
+def _faster_rcnn_pair():
+    """A randomly initialised torchvision Faster R-CNN and a copy whose anchor generator and box coders are
+    rpn_ops', configured from the original's."""
+    import copy
+
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=320, max_size=480).eval()
+    swapped = copy.deepcopy(model)
+    old = swapped.rpn.anchor_generator
+    swapped.rpn.anchor_generator = rpn_ops.AnchorGenerator(old.sizes, old.aspect_ratios)
+    swapped.rpn.box_coder = rpn_ops.BoxCoder(model.rpn.box_coder.weights, model.rpn.box_coder.bbox_xform_clip)
+    swapped.roi_heads.box_coder = rpn_ops.BoxCoder(model.roi_heads.box_coder.weights,
+                                                   model.roi_heads.box_coder.bbox_xform_clip)
+    return model, swapped
+
+
+def test_swapping_anchor_generator_and_box_coders_into_faster_rcnn_keeps_outputs_and_losses():
+    model, swapped = _faster_rcnn_pair()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 300, 400, generator=g), torch.rand(3, 280, 350, generator=g)]
+    with torch.no_grad():
+        expected, got = model(images), swapped(images)
+    for e, o in zip(expected, got):
+        assert e.keys() == o.keys() and all(torch.equal(e[k], o[k]) for k in e)
+    targets = [{"boxes": workloads.gt_boxes(n, seed=n, image_size=(280, 350)), "labels": torch.randint(1, 91, (n,))}
+               for n in (3, 12)]
+    model.train(), swapped.train()
+    torch.manual_seed(2)
+    expected_losses = model(images, targets)
+    torch.manual_seed(2)
+    got_losses = swapped(images, targets)
+    assert expected_losses.keys() == got_losses.keys()
+    for name in expected_losses:
+        assert torch.equal(expected_losses[name], got_losses[name]), name
 
 
 def test_operator_schemas():

@@ -1,0 +1,321 @@
+// CPU anchors and box coding: threads over rows, vectorised loops. The arithmetic is box_coding.h's, shared
+// with CUDA. The exponential and logarithm are PyTorch's own (at::exp_ / at::log_ on chunks of a few thousand
+// values held in cache): its vectorised SLEEF/MKL functions are not correctly rounded, so only they give
+// torchvision's last bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../box_coding.h"
+#include "../checks.h"
+#include "../dispatch.h"
+#include "cpu_isa.h"
+#include "isa_targets.h"
+
+namespace rpn_ops::cpu {
+namespace {
+
+constexpr int64_t kChunkItems = 4096;    // items per call of PyTorch's exp / log: columns stay in cache
+constexpr int64_t kAnchorGrain = 16384;  // anchors per thread task at least
+
+template <typename T>
+at::Tensor wrap(T* data, int64_t count) {
+  return at::from_blob(data, {count}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+void exp_in_place(T* values, int64_t count) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  wrap(values, count).exp_();
+}
+
+template <typename T>
+void log_in_place(T* values, int64_t count) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  wrap(values, count).log_();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Anchors
+
+template <typename T>
+void fill_grid_anchors(const T* cells, const std::vector<AnchorLevel>& levels, at::IntArrayRef grid_sizes,
+                       int64_t num_images, int64_t total, T* out) {
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const AnchorLevel& level = levels[l];
+    const int64_t height = grid_sizes[2 * l], width = level.grid_width, row_anchors = width * level.cells;
+    if (row_anchors == 0 || height == 0) continue;
+    const T* level_cells = cells + 4 * level.first_cell;
+    const int64_t grain = std::max<int64_t>(1, kAnchorGrain / row_anchors);
+    at::parallel_for(0, height, grain, [&](int64_t y_begin, int64_t y_end) {
+      T* first = out + 4 * (level.first_anchor + y_begin * row_anchors);
+      T* anchor = first;
+      for (int64_t y = y_begin; y < y_end; ++y) {
+        const int64_t shift_y = y * level.stride_y;
+        for (int64_t x = 0; x < width; ++x) {
+          const int64_t shift_x = x * level.stride_x;
+          for (int64_t c = 0; c < level.cells; ++c, anchor += 4) {
+            anchor[0] = shifted(shift_x, level_cells[4 * c]);
+            anchor[1] = shifted(shift_y, level_cells[4 * c + 1]);
+            anchor[2] = shifted(shift_x, level_cells[4 * c + 2]);
+            anchor[3] = shifted(shift_y, level_cells[4 * c + 3]);
+          }
+        }
+      }
+      for (int64_t image = 1; image < num_images; ++image) {  // copies while the rows are in cache
+        std::memcpy(first + 4 * image * total, first, (anchor - first) * sizeof(T));
+      }
+    });
+  }
+}
+
+at::Tensor grid_anchors(const at::Tensor& cell_anchors, at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
+                        at::IntArrayRef strides, int64_t num_images) {
+  int64_t total = 0;
+  const auto levels =
+      check_grid_anchors_inputs(cell_anchors, cells_per_level, grid_sizes, strides, num_images, total);
+  at::Tensor out = at::empty({num_images, total, 4}, cell_anchors.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor cells = cell_anchors.contiguous();
+  visit_float_type(cells.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    fill_grid_anchors(cells.data_ptr<T>(), levels, grid_sizes, num_images, total, out.data_ptr<T>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode and encode work on chunks of items (box, or box and class): a first loop computes everything up to
+// the exponential / logarithm into small column buffers, PyTorch's exp / log runs on one of them, a second
+// loop finishes. Both loops are branch-free over contiguous columns, so the compiler vectorises them; they
+// are compiled for each instruction set (IEEE products and quotients, no contraction: the same bits on
+// every one) and the one in use (cpu_isa.h) runs.
+
+template <typename T, typename S>
+struct DecodeChunk {
+  const T* codes;  // [count, 4] contiguous
+  const T* boxes;  // [count, 4] contiguous: each item's reference box
+  int64_t count;
+  CpuCodeWeights<T> weights;
+  T clip;
+  T *ctr_x, *ctr_y, *width, *height;  // scratch columns of `count`
+  S* exps;                            // scratch of 2 * count: dw, then dh
+  S* out;                             // [count, 4]
+};
+
+// The loops take restrict parameters (restrict locals are not enough for the compiler): no store aliases a
+// load, so they vectorise without run-time overlap checks.
+template <typename T, typename S>
+[[gnu::always_inline]] inline void decode_start_loop(const T* __restrict codes, const T* __restrict boxes,
+                                                     int64_t count, const CpuCodeWeights<T> weights, T clip,
+                                                     T* __restrict ctr_x, T* __restrict ctr_y, T* __restrict width,
+                                                     T* __restrict height, S* __restrict exp_dw,
+                                                     S* __restrict exp_dh) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T code[4] = {codes[4 * i], codes[4 * i + 1], codes[4 * i + 2], codes[4 * i + 3]};
+    const T box[4] = {boxes[4 * i], boxes[4 * i + 1], boxes[4 * i + 2], boxes[4 * i + 3]};
+    const DecodeStart<T> start = decode_start(code, box, weights, clip);
+    ctr_x[i] = start.ctr_x;
+    ctr_y[i] = start.ctr_y;
+    width[i] = start.width;
+    height[i] = start.height;
+    exp_dw[i] = to<S>(start.dw);
+    exp_dh[i] = to<S>(start.dh);
+  }
+}
+
+template <typename T, typename S>
+[[gnu::always_inline]] inline void decode_finish_loop(const T* __restrict ctr_x, const T* __restrict ctr_y,
+                                                      const T* __restrict width, const T* __restrict height,
+                                                      const S* __restrict exp_dw, const S* __restrict exp_dh,
+                                                      int64_t count, S* __restrict out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const DecodeStart<T> start{ctr_x[i], ctr_y[i], width[i], height[i], T{}, T{}};
+    decode_finish(start, exp_dw[i], exp_dh[i], out + 4 * i);
+  }
+}
+
+template <typename T, typename S>
+[[gnu::always_inline]] inline void decode_chunk(const DecodeChunk<T, S>& c) {
+  decode_start_loop(c.codes, c.boxes, c.count, c.weights, c.clip, c.ctr_x, c.ctr_y, c.width, c.height, c.exps,
+                    c.exps + c.count);
+  exp_in_place(c.exps, 2 * c.count);
+  decode_finish_loop(c.ctr_x, c.ctr_y, c.width, c.height, c.exps, c.exps + c.count, c.count, c.out);
+}
+
+template <typename R, typename P, typename L>
+struct EncodeChunk {
+  using M = promoted_t<R, P>;
+  const R* reference;  // [count, 4] contiguous
+  const P* proposals;  // [count, 4] contiguous
+  int64_t count;
+  R weights[4];
+  M *dx, *dy;  // scratch columns of `count`
+  L* logs;     // scratch of 2 * count: width ratios, then height ratios
+  L* out;      // [count, 4]
+};
+
+template <typename R, typename P, typename L, typename M = promoted_t<R, P>>
+[[gnu::always_inline]] inline void encode_start_loop(const R* __restrict reference, const P* __restrict proposals,
+                                                     int64_t count, const R* __restrict weights, M* __restrict dx,
+                                                     M* __restrict dy, L* __restrict width_ratio,
+                                                     L* __restrict height_ratio) {
+  const R w[4] = {weights[0], weights[1], weights[2], weights[3]};
+  for (int64_t i = 0; i < count; ++i) {
+    const R ref[4] = {reference[4 * i], reference[4 * i + 1], reference[4 * i + 2], reference[4 * i + 3]};
+    const P proposal[4] = {proposals[4 * i], proposals[4 * i + 1], proposals[4 * i + 2], proposals[4 * i + 3]};
+    const EncodeStart<R, P, L> start = encode_start<L>(ref, proposal, w);
+    dx[i] = start.dx;
+    dy[i] = start.dy;
+    width_ratio[i] = start.width_ratio;
+    height_ratio[i] = start.height_ratio;
+  }
+}
+
+template <typename R, typename P, typename L, typename M = promoted_t<R, P>>
+[[gnu::always_inline]] inline void encode_finish_loop(const M* __restrict dx, const M* __restrict dy,
+                                                      const L* __restrict log_width, const L* __restrict log_height,
+                                                      int64_t count, const R* __restrict weights, L* __restrict out) {
+  const R w[4] = {weights[0], weights[1], weights[2], weights[3]};
+  for (int64_t i = 0; i < count; ++i) {
+    const EncodeStart<R, P, L> start{dx[i], dy[i], L{}, L{}};
+    encode_finish(start, log_width[i], log_height[i], w, out + 4 * i);
+  }
+}
+
+template <typename R, typename P, typename L>
+[[gnu::always_inline]] inline void encode_chunk(const EncodeChunk<R, P, L>& c) {
+  encode_start_loop<R, P, L>(c.reference, c.proposals, c.count, c.weights, c.dx, c.dy, c.logs, c.logs + c.count);
+  log_in_place(c.logs, 2 * c.count);
+  encode_finish_loop<R, P, L>(c.dx, c.dy, c.logs, c.logs + c.count, c.count, c.weights, c.out);
+}
+
+// chunk_for<Chunk>(isa): the chunk function compiled for that instruction set.
+template <typename Chunk>
+void run_chunk_baseline(const Chunk& c) {
+  if constexpr (requires { c.exps; }) decode_chunk(c); else encode_chunk(c);
+}
+#if defined(RPN_OPS_X86_ISAS)
+template <typename Chunk>
+__attribute__((target("avx2,fma"))) void run_chunk_avx2(const Chunk& c) {
+  if constexpr (requires { c.exps; }) decode_chunk(c); else encode_chunk(c);
+}
+template <typename Chunk>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void run_chunk_avx512(const Chunk& c) {
+  if constexpr (requires { c.exps; }) decode_chunk(c); else encode_chunk(c);
+}
+#endif
+
+template <typename Chunk>
+auto chunk_for(Isa isa) -> void (*)(const Chunk&) {
+#if defined(RPN_OPS_X86_ISAS)
+  if (isa == Isa::avx512) return run_chunk_avx512<Chunk>;
+  if (isa == Isa::avx2) return run_chunk_avx2<Chunk>;
+#endif
+  return run_chunk_baseline<Chunk>;
+}
+
+// Each item's reference box, contiguous: the boxes themselves for one class, else repeated per class.
+at::Tensor box_per_item(const at::Tensor& boxes, int64_t classes) {
+  if (classes == 1) return boxes.contiguous();
+  return boxes.unsqueeze(1).expand({boxes.size(0), classes, 4}).reshape({-1, 4});
+}
+
+template <typename T, typename S>
+void fill_decoded(const at::Tensor& codes, const at::Tensor& boxes, const CpuCodeWeights<T>& weights, T clip,
+                  at::Tensor& out) {
+  const int64_t items = out.numel() / 4;
+  const T* code_data = codes.data_ptr<T>();
+  const T* box_data = boxes.data_ptr<T>();
+  S* decoded = out.data_ptr<S>();
+  const auto run = chunk_for<DecodeChunk<T, S>>(current_isa());
+  at::parallel_for(0, items, kChunkItems, [&](int64_t begin, int64_t end) {
+    std::vector<T> columns(4 * kChunkItems);
+    std::vector<S> exps(2 * kChunkItems);
+    for (int64_t first = begin; first < end; first += kChunkItems) {
+      const int64_t count = std::min(end - first, kChunkItems);
+      T* column = columns.data();
+      run({code_data + 4 * first, box_data + 4 * first, count, weights, clip, column, column + count,
+           column + 2 * count, column + 3 * count, exps.data(), decoded + 4 * first});
+    }
+  });
+}
+
+at::Tensor decode_boxes(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights,
+                        double bbox_xform_clip, bool float32_exp) {
+  check_decode_inputs(rel_codes, boxes, weights, bbox_xform_clip);
+  const auto type = rel_codes.scalar_type();
+  at::Tensor out = at::empty(rel_codes.sizes(), rel_codes.options().dtype(coding_output_type(type, float32_exp)));
+  if (out.numel() == 0) return out;
+  const int64_t classes = rel_codes.size(1) / 4;
+  const at::Tensor codes = rel_codes.contiguous();
+  const at::Tensor reference = box_per_item(boxes.to(type), classes);  // torchvision: boxes.to(rel_codes.dtype)
+  visit_float_type(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const CpuCodeWeights<T> code_weights(weights.data());
+    const T clip = to<T>(bbox_xform_clip);
+    if (out.scalar_type() == type) {
+      fill_decoded<T, T>(codes, reference, code_weights, clip, out);
+    } else {
+      fill_decoded<T, float>(codes, reference, code_weights, clip, out);
+    }
+  });
+  return out;
+}
+
+template <typename R, typename P, typename L>
+void fill_encoded(const at::Tensor& reference_boxes, const at::Tensor& proposals, at::ArrayRef<double> weights,
+                  at::Tensor& out) {
+  using M = promoted_t<R, P>;
+  const R* reference = reference_boxes.data_ptr<R>();
+  const P* proposal = proposals.data_ptr<P>();
+  L* encoded = out.data_ptr<L>();
+  const auto run = chunk_for<EncodeChunk<R, P, L>>(current_isa());
+  at::parallel_for(0, reference_boxes.size(0), kChunkItems, [&](int64_t begin, int64_t end) {
+    std::vector<M> columns(2 * kChunkItems);
+    std::vector<L> logs(2 * kChunkItems);
+    for (int64_t first = begin; first < end; first += kChunkItems) {
+      const int64_t count = std::min(end - first, kChunkItems);
+      run({reference + 4 * first, proposal + 4 * first, count,
+           {to<R>(weights[0]), to<R>(weights[1]), to<R>(weights[2]), to<R>(weights[3])}, columns.data(),
+           columns.data() + count, logs.data(), encoded + 4 * first});
+    }
+  });
+}
+
+at::Tensor encode_boxes(const at::Tensor& reference_boxes, const at::Tensor& proposals, at::ArrayRef<double> weights,
+                        bool float32_log) {
+  check_encode_inputs(reference_boxes, proposals, weights);
+  const auto mixed = at::promoteTypes(reference_boxes.scalar_type(), proposals.scalar_type());
+  at::Tensor out = at::empty({reference_boxes.size(0), 4},
+                             reference_boxes.options().dtype(coding_output_type(mixed, float32_log)));
+  if (out.numel() == 0) return out;
+  const at::Tensor reference = reference_boxes.contiguous(), proposal = proposals.contiguous();
+  visit_float_type(reference.scalar_type(), [&](auto reference_tag) {
+    visit_float_type(proposal.scalar_type(), [&](auto proposal_tag) {
+      using R = typename decltype(reference_tag)::type;
+      using P = typename decltype(proposal_tag)::type;
+      using M = promoted_t<R, P>;
+      if (out.scalar_type() == mixed) {
+        fill_encoded<R, P, M>(reference, proposal, weights, out);
+      } else if constexpr (!std::is_same_v<M, float> && !std::is_same_v<M, double>) {
+        fill_encoded<R, P, float>(reference, proposal, weights, out);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rpn_ops, CPU, m) {
+  m.impl("grid_anchors", TORCH_FN(grid_anchors));
+  m.impl("decode_boxes", TORCH_FN(decode_boxes));
+  m.impl("encode_boxes", TORCH_FN(encode_boxes));
+}
+
+}  // namespace rpn_ops::cpu
