@@ -33,6 +33,9 @@ class Workload:
     quick: bool = False  # part of the --quick ladder
     slow_torchvision_cpu: bool = False  # torchvision's CPU call takes seconds to a minute
     scores_arg: Optional[int] = None  # position of the scores among the inputs (NMS ops)
+    size: int = 0  # the problem size: the x axis of the plots
+    size_unit: str = ""  # what `size` counts: "boxes", "box pairs", "images"
+    series: str = ""  # workloads of one op with the same series form one line of its plot ("80 classes")
 
 
 def _count(n: int) -> str:
@@ -70,7 +73,8 @@ def nms_workload(n: int, max_output: Optional[int] = None, quick=False) -> Workl
         partial(_nms_inputs, n), ours, theirs,
         reference=partial(reference.nms, iou_threshold=NMS_THRESHOLD, max_output=max_output)
         if n <= REFERENCE_NMS_MAX_BOXES else None,
-        quick=quick, slow_torchvision_cpu=n >= 100_000, scores_arg=1)
+        quick=quick, slow_torchvision_cpu=n >= 100_000, scores_arg=1, size=n, size_unit="boxes",
+        series="" if max_output is None else f"max_output={max_output}")
 
 
 def batched_nms_workload(n: int, num_classes: int, quick=False) -> Workload:
@@ -81,13 +85,15 @@ def batched_nms_workload(n: int, num_classes: int, quick=False) -> Workload:
         partial(torchvision.ops.batched_nms, iou_threshold=NMS_THRESHOLD),
         reference=partial(reference.batched_nms, iou_threshold=NMS_THRESHOLD)
         if n <= REFERENCE_NMS_MAX_BOXES else None,
-        quick=quick, slow_torchvision_cpu=n >= 100_000, scores_arg=1)
+        quick=quick, slow_torchvision_cpu=n >= 100_000, scores_arg=1, size=n, size_unit="boxes",
+        series=f"{num_classes} classes")
 
 
 def box_iou_workload(n: int, m: int, quick=False) -> Workload:
     return Workload(
         f"box_iou-{n}x{m}", "box_iou", f"{n} x {m} boxes", dict(boxes1=n, boxes2=m), partial(_box_iou_inputs, n, m),
-        rpn_ops.box_iou, torchvision.ops.box_iou, reference.box_iou, quick=quick)
+        rpn_ops.box_iou, torchvision.ops.box_iou, reference.box_iou, quick=quick, size=n * m,
+        size_unit="box pairs (N x M)")
 
 
 def _fpn_inputs(num_images: int, device):
@@ -112,7 +118,7 @@ def anchors_workload(num_images: int, quick=False) -> Workload:
         dict(images=num_images), partial(_fpn_inputs, num_images),
         rpn_ops.AnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS),
         TorchvisionAnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS),
-        _reference_anchors, quick=quick)
+        _reference_anchors, quick=quick, size=num_images, size_unit="images (800 x 1216, FPN)")
 
 
 def _rpn_anchor_count() -> int:
@@ -147,7 +153,7 @@ def decode_workload(num_images: int, quick=False) -> Workload:
         f"decode-{num_images}x{count}", "decode", f"RPN deltas, {num_images} x {_rpn_anchor_count()} anchors",
         dict(images=num_images, boxes=num_images * _rpn_anchor_count()), partial(_decode_inputs, num_images),
         rpn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0)).decode, TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).decode,
-        _reference_decode, quick=quick)
+        _reference_decode, quick=quick, size=num_images * _rpn_anchor_count(), size_unit="boxes")
 
 
 def encode_workload(num_images: int, quick=False) -> Workload:
@@ -156,7 +162,8 @@ def encode_workload(num_images: int, quick=False) -> Workload:
         f"encode-{num_images}x{count}", "encode", f"RPN targets, {num_images} x {_rpn_anchor_count()} anchors",
         dict(images=num_images, boxes=num_images * _rpn_anchor_count()), partial(_encode_inputs, num_images),
         rpn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single, TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single,
-        partial(reference.encode_boxes, weights=(1.0, 1.0, 1.0, 1.0)), quick=quick)
+        partial(reference.encode_boxes, weights=(1.0, 1.0, 1.0, 1.0)), quick=quick,
+        size=num_images * _rpn_anchor_count(), size_unit="boxes")
 
 
 WORKLOADS: List[Workload] = [

@@ -1,12 +1,15 @@
 """Times rpn_ops against torchvision and the plain-PyTorch reference; checks that the answers agree.
 
     python -m benchmarks.run [--device auto|cpu|cuda] [--quick] [--ops nms-20k,box_iou] [--repeat N]
-                             [--budget SECONDS] [--out DIR] [--strict]
+                             [--budget SECONDS] [--rotate K] [--out DIR] [--no-plots] [--strict]
+    python -m benchmarks.run --compare OLD/results.json NEW/results.json [--threshold 0.1] [--strict]
 
-Writes DIR/results.json (every sample and the environment) and DIR/results.md; prints the table.
+Writes DIR/results.json (every sample and the environment), DIR/results.md and DIR/plot-<op>.png; prints the
+table.
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -20,7 +23,9 @@ import torch
 import torchvision
 
 import rpn_ops
+from benchmarks import compare
 from benchmarks.cases import IMPLEMENTATIONS, parity, select
+from benchmarks.plots import write_plots
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WARMUP_CALLS = 3
@@ -41,22 +46,77 @@ def time_call(fn, inputs, device: torch.device):
     return result, start.elapsed_time(end)
 
 
-def measure(fn, inputs, device, repeat: int, budget_s: float):
+def measure(fn, input_sets, device, repeat: int, budget_s: float):
     """(result of the first call, samples in ms). Up to WARMUP_CALLS untimed calls, then timed calls until
-    ``repeat`` samples or ``budget_s`` seconds of samples. A first call longer than the whole budget is
-    the one sample: warm-up effects are negligible next to it, and the full suite stays minutes long."""
+    ``repeat`` samples or ``budget_s`` seconds of samples. Successive calls take the input sets in turn (equal
+    values, separate memory), so a call does not find its inputs in cache just because the previous call read
+    them. A first call longer than the whole budget is the one sample: warm-up effects are negligible next to
+    it, and the full suite stays minutes long."""
     budget_ms = budget_s * 1e3
-    result, first_ms = time_call(fn, inputs, device)
+    calls = 0
+
+    def timed():
+        nonlocal calls
+        calls += 1
+        return time_call(fn, input_sets[(calls - 1) % len(input_sets)], device)
+
+    result, first_ms = timed()
     if first_ms >= budget_ms:
         return result, [first_ms]
-    warmup_ms, calls = first_ms, 1
+    warmup_ms = first_ms
     while calls < WARMUP_CALLS and warmup_ms < budget_ms / 4:
-        warmup_ms += time_call(fn, inputs, device)[1]
-        calls += 1
+        warmup_ms += timed()[1]
     samples = []
     while len(samples) < max(1, repeat) and (not samples or sum(samples) < budget_ms):
-        samples.append(time_call(fn, inputs, device)[1])
+        samples.append(timed()[1])
     return result, samples
+
+
+def _proc_status_kib(field: str):
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _release_free_memory():
+    """Hands the C library's free memory back to the system, so that what a call allocates shows up as new
+    resident memory instead of being served from pages already counted."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_extra_mib(fn, inputs, device):
+    """Memory one call needs beyond what was in use before it, in MiB, output included. CUDA: the peak of
+    torch's allocator. CPU (Linux): the peak resident memory of the process (VmHWM, reset first), so buffers
+    inside the kernels count too (the C library's free memory is released first; what it still reuses is not
+    seen, so small figures are lower bounds). None where it cannot be measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        output = fn(*inputs)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del output
+        return peak / 2**20
+    _release_free_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return None
+    before = _proc_status_kib("VmRSS")
+    output = fn(*inputs)
+    peak = _proc_status_kib("VmHWM")
+    del output
+    return None if before is None or peak is None else max(0, peak - before) / 1024
 
 
 def summary(samples):
@@ -65,25 +125,25 @@ def summary(samples):
                 max_ms=max(samples), runs=len(samples), samples_ms=samples)
 
 
-def run_workload(workload, device, repeat, budget_s):
-    inputs = workload.make_inputs(device)
+def run_workload(workload, device, repeat, budget_s, rotate=1, progress=None):
+    input_sets = [workload.make_inputs(device) for _ in range(max(1, rotate))]
+    inputs = input_sets[0]
     outputs, timings = {}, {}
     for impl in IMPLEMENTATIONS:
         fn = getattr(workload, impl)
         if fn is None:
             timings[impl] = None
             continue
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            allocated_before = torch.cuda.memory_allocated(device)
+        if progress:
+            progress.step(f"{workload.name}: {impl}")
         try:
-            outputs[impl], samples = measure(fn, inputs, device, repeat, budget_s)
+            outputs[impl], samples = measure(fn, input_sets, device, repeat, budget_s)
+            peak = peak_extra_mib(fn, inputs, device) if samples[0] < budget_s * 1e3 else None
         except Exception as error:  # an op missing on this device must not stop the suite
             timings[impl] = dict(error=f"{type(error).__name__}: {error}")
             continue
         timings[impl] = summary(samples)
-        if device.type == "cuda":
-            timings[impl]["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
+        timings[impl]["peak_extra_mib"] = peak
     checks, speedups = {}, {}
     for other in ("torchvision", "reference"):
         if "ours" in outputs and other in outputs:
@@ -91,6 +151,7 @@ def run_workload(workload, device, repeat, budget_s):
             if checks[other] != "MISMATCH":
                 speedups[other] = timings[other]["median_ms"] / timings["ours"]["median_ms"]
     return dict(workload=workload.name, op=workload.op, label=workload.label, params=workload.params,
+                size=workload.size, size_unit=workload.size_unit, series=workload.series,
                 device=str(device), output_shape=_shape(outputs.get("ours")),
                 timings=timings, parity=checks, speedup=speedups)
 
@@ -152,6 +213,12 @@ def _ms(timing):
         else f"{timing['median_ms']:.0f}"
 
 
+def _mib(timing):
+    if not timing or timing.get("peak_extra_mib") is None:
+        return "-"
+    return f"{timing['peak_extra_mib']:.3g}"
+
+
 def _speedup(result, other):
     if other in result["speedup"]:
         return f"{result['speedup'][other]:.1f}x"
@@ -164,9 +231,10 @@ def _parity(result):
 
 def summary_table(results):
     header = ["op", "workload", "device", "ours ms", "torchvision ms", "reference ms", "vs torchvision",
-              "vs reference", "parity"]
+              "vs reference", "ours peak MiB", "torchvision peak MiB", "parity"]
     rows = [[r["op"], r["label"], r["device"], *(_ms(r["timings"][impl]) for impl in IMPLEMENTATIONS),
-             _speedup(r, "torchvision"), _speedup(r, "reference"),
+             _speedup(r, "torchvision"), _speedup(r, "reference"), _mib(r["timings"]["ours"]),
+             _mib(r["timings"]["torchvision"]),
              ("!! " if "MISMATCH" in r["parity"].values() else "") + _parity(r)] for r in results]
     return table(rows, header)
 
@@ -195,8 +263,10 @@ def markdown(report):
         f"rpn_ops {env['rpn_ops']} (cpu_isa {build.get('cpu_isa')}, cuda {build.get('cuda')}), "
         f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}; {env['date']}; "
         f"load average {_load(env['load_average'])} before, {_load(settings.get('load_average_after'))} after",
-        "Medians in milliseconds; speedup = their median / ours, given only where the outputs agree.",
+        "Medians in milliseconds; speedup = their median / ours, given only where the outputs agree; peak MiB = "
+        "memory one call needs beyond what was in use before it (output included; CPU: resident memory).",
         summary_table(report["results"]),
+        *[f"![{Path(plot).stem}]({Path(plot).name})" for plot in report.get("plots", [])],
         "## Samples",
         detail_table(report["results"]),
     ]) + "\n"
@@ -210,9 +280,20 @@ def parse_args(argv):
     parser.add_argument("--repeat", type=int, default=30, help="most timed calls per implementation")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per implementation and workload "
                         "(default 2, 0.5 with --quick); a slower first call is the only sample")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json/.md")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if an output differs or an op fails")
+    parser.add_argument("--rotate", type=int, default=3, help="input sets (equal values, separate memory) that "
+                        "successive calls take in turn, so caches do not flatter repeated calls (default 3)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"),
+                        help="folder for results.json, results.md and the plots")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 if an output differs or an op fails (with --compare: if a workload is slower)")
     parser.add_argument("--list", action="store_true", help="list the selected workloads and exit")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                        help="compare two results.json files instead of running")
+    parser.add_argument("--readme-table", type=Path, metavar="RESULTS_JSON",
+                        help="print the README's results table for a results.json and exit")
+    parser.add_argument("--threshold", type=float, default=0.1,
+                        help="with --compare: a change beyond this fraction is reported (default 0.1)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
@@ -220,8 +301,35 @@ def parse_args(argv):
     return args
 
 
+class Progress:
+    """A one-line progress bar on a terminal (a line per step otherwise), with the elapsed time."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.tty = sys.stdout.isatty()
+
+    def step(self, what: str):
+        self.done += 1
+        width = 30
+        filled = int(width * (self.done - 1) / max(1, self.total))
+        bar = "#" * filled + "." * (width - filled)
+        text = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.started:5.0f} s  {what}"
+        print(f"\r{text[:110]:<110}" if self.tty else text, end="" if self.tty else "\n", flush=True)
+
+    def finish(self):
+        if self.tty:
+            print(f"\r{'':<110}\r", end="", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.readme_table:
+        print(compare.readme_table(compare.load(args.readme_table)))
+        return 0
+    if args.compare:
+        text, regressions = compare.report_text(*args.compare, args.threshold, table)
+        print(text)
+        return 1 if regressions and args.strict else 0
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                           else "cpu")
     workloads = select(args.ops, args.quick)
@@ -232,19 +340,25 @@ def main(argv=None):
                   settings=dict(device=str(device), quick=args.quick, ops=args.ops, repeat=args.repeat,
                                 budget_s=args.budget, warmup_calls=WARMUP_CALLS),
                   results=[])
+    report["settings"]["rotate"] = args.rotate
     started = time.perf_counter()
+    progress = Progress(sum(1 for w in workloads for impl in IMPLEMENTATIONS if getattr(w, impl) is not None))
     for workload in workloads:
-        print(f"{workload.name} on {device} ...", end=" ", flush=True)
-        report["results"].append(run_workload(workload, device, args.repeat, args.budget))
-        print(_parity(report["results"][-1]), flush=True)
+        report["results"].append(run_workload(workload, device, args.repeat, args.budget, args.rotate, progress))
+        mismatch = "MISMATCH" in report["results"][-1]["parity"].values()
+        if mismatch or not progress.tty:
+            print(f"{'!! ' if mismatch else ''}{workload.name}: {_parity(report['results'][-1])}", flush=True)
+    progress.finish()
     report["settings"].update(wall_s=time.perf_counter() - started, load_average_after=load_average())
     args.out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [] if args.no_plots else [p.name for p in write_plots(report, args.out)]
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(report))
     print()
     print(summary_table(report["results"]))
-    print(f"\n{len(workloads)} workloads in {report['settings']['wall_s']:.0f} s; wrote {args.out}/results.json, "
-          f"{args.out}/results.md")
+    written = ["results.json", "results.md", *report["plots"]]
+    print(f"\n{len(workloads)} workloads in {report['settings']['wall_s']:.0f} s; wrote "
+          + ", ".join(f"{args.out}/{name}" for name in written))
     failed = any("MISMATCH" in r["parity"].values() or any(t and "error" in t for t in r["timings"].values())
                  for r in report["results"])
     return 1 if failed and args.strict else 0
