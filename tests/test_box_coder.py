@@ -48,6 +48,15 @@ def test_decode_of_several_classes_per_box_matches_torchvision(device, classes):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_decode_of_a_single_box_with_several_classes(device, dtype):
+    """Found by test_fuzz: for one box, the box repeated per class is a zero-stride view, not a copy."""
+    boxes = anchors_like(1, device=device).to(dtype)
+    codes = deltas(1, 2, scale=0.1, dtype=dtype, device=device)
+    assert_bits_equal(rpn_ops.decode_boxes(codes, boxes, (1.0, 1.0, 1.0, 1.0)),
+                      TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(codes, boxes))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_decode_of_extreme_deltas_and_boxes_matches_torchvision(device, dtype):
     """Deltas far past the clamp (both signs), huge and tiny boxes, zero-width and zero-height boxes (inf/NaN,
     as torchvision), NaN and infinite deltas."""

@@ -222,7 +222,8 @@ auto chunk_for(Isa isa) -> void (*)(const Chunk&) {
 // Each item's reference box, contiguous: the boxes themselves for one class, else repeated per class.
 at::Tensor box_per_item(const at::Tensor& boxes, int64_t classes) {
   if (classes == 1) return boxes.contiguous();
-  return boxes.unsqueeze(1).expand({boxes.size(0), classes, 4}).reshape({-1, 4});
+  // contiguous(): for a single box the reshape is a view with a zero stride, not a copy.
+  return boxes.unsqueeze(1).expand({boxes.size(0), classes, 4}).reshape({-1, 4}).contiguous();
 }
 
 template <typename T, typename S>

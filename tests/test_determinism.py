@@ -1,0 +1,68 @@
+"""Same inputs, same outputs: whatever the CPU thread count, call after call, and from several Python
+threads at once (the CPU loops run on PyTorch's OpenMP threads; box coding calls PyTorch's exp / log from
+inside them)."""
+import concurrent.futures
+
+import pytest
+import torch
+
+import rpn_ops
+from rpn_ops import workloads
+
+
+def every_op(seed, device="cpu"):
+    """One call of every op on RPN-sized inputs big enough to be split across threads."""
+    boxes, scores = workloads.rpn_like_boxes(20_000, seed=seed, device=device)
+    idxs = workloads.categories(20_000, 7, seed=seed, device=device)
+    gt = workloads.gt_boxes(40, seed=seed, device=device)
+    images, features = workloads.fpn_batch(2, (512, 640), device=device)
+    anchors = rpn_ops.AnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS)(images, features)
+    codes = workloads.box_deltas(len(anchors[0]), 2, seed=seed, device=device)
+    targets_for = gt[torch.arange(len(anchors[0]), device=device) % len(gt)]
+    return {
+        "nms": rpn_ops.nms(boxes, scores, 0.7),
+        "nms top": rpn_ops.nms(boxes, scores, 0.5, max_output=300),
+        "batched_nms": rpn_ops.batched_nms(boxes, scores, idxs, 0.6),
+        "box_iou": rpn_ops.box_iou(gt, boxes),
+        "anchors": torch.stack(anchors),
+        "decode": rpn_ops.decode_boxes(codes, anchors[0], (10.0, 10.0, 5.0, 5.0)),
+        "decode half": rpn_ops.decode_boxes(codes.half(), anchors[0], (1.0, 1.0, 1.0, 1.0)),
+        "encode": rpn_ops.encode_boxes(targets_for, anchors[0], (1.0, 1.0, 1.0, 1.0)),
+    }
+
+
+def assert_same(got, expected):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        same = (got[name] == expected[name]) | (got[name].isnan() & expected[name].isnan()) \
+            if got[name].is_floating_point() else got[name] == expected[name]
+        assert got[name].shape == expected[name].shape and bool(same.all()), name
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_cpu_results_do_not_depend_on_the_thread_count(restore_threads, threads):
+    torch.set_num_threads(1)
+    expected = every_op(seed=1)
+    torch.set_num_threads(threads)
+    assert_same(every_op(seed=1), expected)
+
+
+def test_repeated_calls_give_identical_results(device):
+    first = every_op(seed=2, device=device)
+    for _ in range(3):
+        assert_same(every_op(seed=2, device=device), first)
+
+
+def test_every_op_from_several_python_threads_at_once(device):
+    sequential = [every_op(seed, device) for seed in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent_results = list(pool.map(lambda seed: every_op(seed, device), list(range(4)) * 2))
+    for k, result in enumerate(concurrent_results):
+        assert_same(result, sequential[k % 4])

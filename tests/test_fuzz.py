@@ -1,0 +1,119 @@
+"""Property-based tests (hypothesis): every op against torchvision and the plain-PyTorch reference on random
+shapes (0 and 1 included), dtypes and boxes from realistic to pathological (zero-area, inverted, huge,
+negative, NaN/Inf), tied scores and duplicate boxes.
+
+Hypothesis draws seeds and switches; the tensors come from torch generators, so a shrunk failure is a few
+small numbers to paste into a named regression test. CI runs the bounded "ci" profile; for a long local run:
+    HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py
+"""
+import math
+import os
+
+import torch
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+
+import rpn_ops
+from helpers import FLOAT_DTYPES, SPECIAL_KINDS, assert_indices, assert_same_iou, compute_dtype, special_boxes
+from rpn_ops import reference, workloads
+
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+seeds = st.integers(0, 2**31 - 1)
+dtypes = st.sampled_from(FLOAT_DTYPES)
+box_kinds = st.sampled_from(["realistic", *SPECIAL_KINDS])
+
+
+def make_boxes(kind: str, n: int, seed: int, dtype, tie_levels: int):
+    """n boxes of a kind (realistic clusters, or a quarter special) and scores; tie_levels > 0 draws the
+    scores from that many values only (ties everywhere)."""
+    if n == 0:
+        return torch.zeros(0, 4, dtype=dtype), torch.zeros(0, dtype=dtype)
+    if kind == "realistic":
+        boxes, scores = workloads.rpn_like_boxes(n, seed=seed, per_cluster=8, dtype=dtype)
+    else:
+        boxes, scores = special_boxes(kind, n=max(n, 64), fraction=0.5, seed=seed, dtype=dtype)
+        rows = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(seed))[:n]
+        boxes, scores = boxes[rows], scores[rows]
+    if tie_levels:
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.randint(0, tie_levels, (n,), generator=g).to(dtype) / tie_levels
+    return boxes, scores
+
+
+@given(kind=box_kinds, n=st.integers(0, 80), seed=seeds, dtype=dtypes, ties=st.sampled_from([0, 0, 2, 5]),
+       threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0, -0.5]), max_output=st.sampled_from([None, 0, 1, 7]))
+def test_nms_equals_the_reference(kind, n, seed, dtype, ties, threshold, max_output):
+    boxes, scores = make_boxes(kind, n, seed, dtype, ties)
+    expected = reference.nms(boxes, scores, threshold, max_output)
+    assert_indices(rpn_ops.nms(boxes, scores, threshold, max_output), expected, "cpu")
+
+
+@given(kind=box_kinds, n=st.integers(0, 80), seed=seeds, dtype=dtypes, ties=st.sampled_from([0, 3]),
+       classes=st.integers(1, 6), threshold=st.sampled_from([0.0, 0.5, 0.7]), max_output=st.sampled_from([None, 3]))
+def test_batched_nms_equals_the_reference(kind, n, seed, dtype, ties, classes, threshold, max_output):
+    boxes, scores = make_boxes(kind, n, seed, dtype, ties)
+    idxs = workloads.categories(n, classes, seed=seed)
+    expected = reference.batched_nms(boxes, scores, idxs, threshold, max_output)
+    assert_indices(rpn_ops.batched_nms(boxes, scores, idxs, threshold, max_output), expected, "cpu")
+
+
+@given(kind=box_kinds, n=st.integers(0, 40), m=st.integers(0, 40), seed=seeds, dtype=dtypes)
+def test_box_iou_equals_torchvision(kind, n, m, seed, dtype):
+    boxes1, _ = make_boxes(kind, n, seed, dtype, 0)
+    boxes2, _ = make_boxes("realistic" if seed % 2 else kind, m, seed + 1, dtype, 0)
+    expected = torchvision.ops.box_iou(boxes1.to(compute_dtype(dtype)), boxes2.to(compute_dtype(dtype)))
+    assert_same_iou(rpn_ops.box_iou(boxes1, boxes2), expected)
+    assert_same_iou(rpn_ops.box_iou(boxes1, boxes2), reference.box_iou(boxes1, boxes2))
+
+
+def assert_bits(got, expected):
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (got.dtype, expected.dtype, got.shape)
+    same = (got == expected) | (got.isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} differ: {got[~same][:3]} vs {expected[~same][:3]}"
+
+
+weight_sets = st.sampled_from([(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (0.1, 3.0, 7.0, 0.3), (2.0, 0.5, 1.0, 4.0)])
+
+
+@given(kind=box_kinds, n=st.integers(0, 60), classes=st.integers(1, 4), seed=seeds, dtype=dtypes,
+       box_dtype=dtypes, weights=weight_sets, scale=st.sampled_from([0.1, 1.0, 10.0, 1e4]),
+       clip=st.sampled_from([math.log(1000.0 / 16), 0.0, -2.0, math.inf, 50.0]))
+def test_decode_equals_torchvision(kind, n, classes, seed, dtype, box_dtype, weights, scale, clip):
+    boxes, _ = make_boxes(kind, n, seed, box_dtype, 0)
+    codes = workloads.box_deltas(n, classes, seed=seed, scale=scale, dtype=dtype)
+    expected = TorchvisionBoxCoder(weights, clip).decode_single(codes, boxes)
+    assert_bits(rpn_ops.decode_boxes(codes, boxes, weights, clip), expected)
+
+
+@given(kind=box_kinds, n=st.integers(0, 60), seed=seeds, reference_dtype=dtypes, proposal_dtype=dtypes,
+       weights=weight_sets)
+def test_encode_equals_torchvision(kind, n, seed, reference_dtype, proposal_dtype, weights):
+    gt, _ = make_boxes(kind, n, seed, reference_dtype, 0)
+    proposals, _ = make_boxes("realistic" if seed % 3 else kind, n, seed + 7, proposal_dtype, 0)
+    expected = TorchvisionBoxCoder(weights).encode_single(gt, proposals)
+    assert_bits(rpn_ops.encode_boxes(gt, proposals, weights), expected)
+
+
+@given(levels=st.integers(1, 4), per_level_sizes=st.integers(1, 3), ratios=st.lists(
+       st.floats(0.1, 10.0, allow_nan=False), min_size=1, max_size=4), height=st.integers(1, 300),
+       width=st.integers(1, 300), images=st.integers(0, 3), dtype=dtypes, seed=seeds)
+def test_anchors_equal_torchvision(levels, per_level_sizes, ratios, height, width, images, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = tuple(tuple(int(s) for s in torch.randint(4, 700, (per_level_sizes,), generator=g)) for _ in range(levels))
+    aspect_ratios = (tuple(ratios),) * levels
+    image_list = torchvision.models.detection.image_list.ImageList(
+        torch.zeros(images, 3, height, width), [(height, width)] * images)
+    features = [torch.zeros(images, 1, max(1, height // 2 ** (l + 2)), max(1, width // 2 ** (l + 2)) + l, dtype=dtype)
+                for l in range(levels)]
+    expected = TorchvisionAnchorGenerator(sizes, aspect_ratios)(image_list, features)
+    got = rpn_ops.AnchorGenerator(sizes, aspect_ratios)(image_list, features)
+    assert len(got) == len(expected)
+    for o, e in zip(got, expected):
+        assert_bits(o, e)
