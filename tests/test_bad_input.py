@@ -1,5 +1,6 @@
 """Bad input raises a Python error that says what was wrong and names the argument, on every device; it never
-crashes the process (the whole matrix also runs in a subprocess, where a segfault fails the test)."""
+crashes the process (the whole matrix also runs in a subprocess, where a segfault fails the test). The matrix
+covers every public function: the NMS family, box_iou, box coding and anchors."""
 import os
 import re
 import subprocess
@@ -166,7 +167,115 @@ def box_iou_cases() -> List[Case]:
     ]
 
 
-CASES = nms_cases() + batched_nms_cases() + box_iou_cases()
+def _codes(device, n=6, classes=1, dtype=torch.float32):
+    return torch.zeros(n, 4 * classes, dtype=dtype, device=device)
+
+
+def _gt(device, n=6, dtype=torch.float32):
+    return torch.tensor([[1.0, 1.0, 3.0, 4.0]], dtype=dtype, device=device).repeat(n, 1)
+
+
+W = (1.0, 1.0, 1.0, 1.0)
+
+
+def box_coding_cases() -> List[Case]:
+    dec, enc, c, b = rpn_ops.decode_boxes, rpn_ops.encode_boxes, _codes, _boxes
+    return [
+        Case("decode_codes_1d", lambda d: dec(torch.zeros(24, device=d), b(d), W), RuntimeError,
+             r"rel_codes must have shape \[N, 4 \* K\].*got shape \[24\]"),
+        Case("decode_codes_width_6", lambda d: dec(torch.zeros(6, 6, device=d), b(d), W), RuntimeError,
+             r"rel_codes must have shape \[N, 4 \* K\].*got shape \[6, 6\]"),
+        Case("decode_codes_3d", lambda d: dec(torch.zeros(2, 3, 4, device=d), b(d), W), RuntimeError,
+             r"rel_codes must have shape \[N, 4 \* K\]"),
+        Case("decode_codes_int", lambda d: dec(c(d).int(), b(d), W), TypeError, r"rel_codes must be .*got Int"),
+        Case("decode_codes_bool", lambda d: dec(c(d).bool(), b(d), W), TypeError, r"rel_codes must be .*got Bool"),
+        Case("decode_boxes_width_5", lambda d: dec(c(d), torch.zeros(6, 5, device=d), W), RuntimeError,
+             r"boxes must have shape \[N, 4\]"),
+        Case("decode_boxes_long", lambda d: dec(c(d), b(d).long(), W), TypeError, r"boxes must be .*got Long"),
+        Case("decode_length_mismatch", lambda d: dec(c(d, 5), b(d), W), RuntimeError,
+             r"boxes has 6 boxes but rel_codes has 5 rows"),
+        Case("decode_three_weights", lambda d: dec(c(d), b(d), (1.0, 1.0, 1.0)), ValueError,
+             r"weights must hold 4 numbers"),
+        Case("decode_zero_weight", lambda d: dec(c(d), b(d), (1.0, 0.0, 1.0, 1.0)), ValueError,
+             r"weights must be finite and > 0"),
+        Case("decode_negative_weight", lambda d: dec(c(d), b(d), (1.0, 1.0, -5.0, 1.0)), ValueError,
+             r"weights must be finite and > 0"),
+        Case("decode_inf_weight", lambda d: dec(c(d), b(d), (float("inf"),) * 4), ValueError,
+             r"weights must be finite and > 0"),
+        Case("decode_weight_string", lambda d: dec(c(d), b(d), ("1", 1, 1, 1)), TypeError,
+             r"each weight must be a number"),
+        Case("decode_nan_clip", lambda d: dec(c(d), b(d), W, float("nan")), ValueError,
+             r"bbox_xform_clip must be a number, got NaN"),
+        Case("decode_clip_none", lambda d: dec(c(d), b(d), W, None), TypeError, r"bbox_xform_clip must be a number"),
+        Case("decode_codes_list", lambda d: dec([[0.0] * 4] * 6, b(d), W), RuntimeError,
+             r"Expected a value of type 'Tensor' for argument 'rel_codes' but instead found type 'list'"),
+        Case("decode_boxes_on_other_device", lambda d: dec(c(d), b(_other(d)), W), RuntimeError,
+             r"rel_codes and boxes must be on the same device", cuda_only=True),
+        Case("coder_decode_boxes_not_a_list", lambda d: rpn_ops.BoxCoder(W).decode(c(d), b(d)), TypeError,
+             r"boxes must be a list or tuple of tensors"),
+        Case("encode_length_mismatch", lambda d: enc(_gt(d), b(d, 4), W), RuntimeError,
+             r"reference_boxes and proposals must have the same number of boxes, got 6 and 4"),
+        Case("encode_reference_width_3", lambda d: enc(_gt(d)[:, :3], b(d), W), RuntimeError,
+             r"reference_boxes must have shape \[N, 4\]"),
+        Case("encode_proposals_1d", lambda d: enc(_gt(d), torch.zeros(24, device=d), W), RuntimeError,
+             r"proposals must be a 2-D tensor"),
+        Case("encode_proposals_int", lambda d: enc(_gt(d), b(d).int(), W), TypeError, r"proposals must be .*got Int"),
+        Case("encode_weights_tensor_of_3", lambda d: enc(_gt(d), b(d), torch.ones(3)), ValueError,
+             r"weights must hold 4 numbers \(wx, wy, ww, wh\), got shape \(3,\)"),
+        Case("encode_nan_weight", lambda d: enc(_gt(d), b(d), (1.0, float("nan"), 1.0, 1.0)), ValueError,
+             r"weights must be finite and > 0"),
+        Case("encode_on_other_device", lambda d: enc(_gt(d), b(_other(d)), W), RuntimeError,
+             r"reference_boxes and proposals must be on the same device", cuda_only=True),
+    ]
+
+
+def _cells(device, dtype=torch.float32):
+    return [rpn_ops.cell_anchors((16, 32), (0.5, 1.0), dtype, device)]
+
+
+def anchor_cases() -> List[Case]:
+    grid = rpn_ops.grid_anchors
+    return [
+        Case("anchors_no_level", lambda d: grid([], [], []), ValueError, r"cell_anchors must hold at least one level"),
+        Case("anchors_missing_grid", lambda d: grid(_cells(d), [], [(4, 4)]), ValueError,
+             r"one grid size and one stride per level are needed"),
+        Case("anchors_grid_not_pair", lambda d: grid(_cells(d), [(4, 4, 4)], [(4, 4)]), ValueError,
+             r"grid_sizes\[0\] must be a pair"),
+        Case("anchors_negative_grid", lambda d: grid(_cells(d), [(-1, 4)], [(4, 4)]), ValueError,
+             r"the grid size of level 0 must be >= 0"),
+        Case("anchors_negative_stride", lambda d: grid(_cells(d), [(2, 4)], [(4, -8)]), ValueError,
+             r"the strides of level 0 must be >= 0"),
+        Case("anchors_float_grid", lambda d: grid(_cells(d), [(2.5, 4)], [(4, 4)]), TypeError,
+             r"grid_sizes\[0\] must be an int"),
+        Case("anchors_negative_images", lambda d: grid(_cells(d), [(2, 4)], [(4, 4)], num_images=-1), ValueError,
+             r"num_images must be >= 0"),
+        Case("anchors_cells_int", lambda d: grid([_cells(d)[0].int()], [(2, 4)], [(4, 4)]), TypeError,
+             r"cell_anchors must be .*got Int"),
+        Case("anchors_cells_width_3", lambda d: grid([_cells(d)[0][:, :3]], [(2, 4)], [(4, 4)]), RuntimeError,
+             r"cell_anchors must have shape \[cells, 4\]"),
+        Case("anchors_cells_not_tensor", lambda d: grid([[[0, 0, 1, 1]]], [(2, 4)], [(4, 4)]), TypeError,
+             r"cell_anchors\[0\] must be a tensor"),
+        Case("anchors_too_many", lambda d: grid(_cells(d), [(40_000, 40_000)], [(4, 4)]), ValueError,
+             r"the anchors of all levels pass 2147483647 per image"),
+        Case("anchors_cells_on_two_devices", lambda d: grid(_cells(d) + _cells(_other(d)), [(2, 2)] * 2, [(4, 4)] * 2),
+             RuntimeError, r"(?i)device", cuda_only=True),
+        Case("anchor_generator_wrong_level_count", lambda d: rpn_ops.AnchorGenerator(((16,), (32,)), ((1.0,),) * 2)(
+             _image_list(d), [torch.zeros(1, 1, 4, 4, device=d)]), ValueError,
+             r"sizes and aspect ratios for 2 feature maps but got 1"),
+        Case("anchor_generator_empty_feature_map", lambda d: rpn_ops.AnchorGenerator(((16,),), ((1.0,),))(
+             _image_list(d), [torch.zeros(1, 1, 0, 4, device=d)]), ValueError, r"feature map 0 has an empty grid"),
+        Case("anchor_generator_mismatched_config", lambda d: rpn_ops.AnchorGenerator(((16,), (32,)), ((1.0,),) * 3),
+             ValueError, r"sizes and aspect_ratios need one entry per feature map, got 2 sizes and 3 aspect ratios"),
+    ]
+
+
+def _image_list(device):
+    from rpn_ops.workloads import ImageBatch
+
+    return ImageBatch(torch.zeros(1, 3, 32, 32, device=device), [(32, 32)])
+
+
+CASES = nms_cases() + batched_nms_cases() + box_iou_cases() + box_coding_cases() + anchor_cases()
 
 
 def check_case(case: Case, device: str) -> None:
