@@ -19,6 +19,9 @@ def write_plots(report: dict, out_dir: Path) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")  # 20,000, not 2x10^4
 
     by_op = defaultdict(list)
     for result in report["results"]:
@@ -40,6 +43,10 @@ def write_plots(report: dict, out_dir: Path) -> List[Path]:
                 ax.plot(xs, ys, line, marker="o", color=color, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted({r["size"] for r in results}))  # the measured sizes, labelled in full
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
         ax.set_xlabel(f"problem size ({results[0].get('size_unit') or 'items'}, log scale)")
         ax.set_ylabel("median time per call (ms, log scale)")
         ax.set_title(f"{op} on {report['settings']['device']}: {machine_name(report['environment'])}", fontsize=9)

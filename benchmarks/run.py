@@ -292,6 +292,8 @@ def parse_args(argv):
                         help="compare two results.json files instead of running")
     parser.add_argument("--readme-table", type=Path, metavar="RESULTS_JSON",
                         help="print the README's results table for a results.json and exit")
+    parser.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
+                        help="redraw the plots of a results.json next to it and exit")
     parser.add_argument("--threshold", type=float, default=0.1,
                         help="with --compare: a change beyond this fraction is reported (default 0.1)")
     args = parser.parse_args(argv)
@@ -323,6 +325,10 @@ class Progress:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        for path in write_plots(compare.load(args.replot), args.replot.parent):
+            print(f"wrote {path}")
+        return 0
     if args.readme_table:
         print(compare.readme_table(compare.load(args.readme_table)))
         return 0

@@ -95,3 +95,15 @@ def test_the_readme_table_is_the_recorded_run_it_names():
     report = load(os.path.join(REPO_ROOT, "benchmarks", "results", folder, "results.json"))
     assert readme_table(report) in section
     assert report["environment"]["cpu"] in section  # the README names the machine
+
+
+def test_replot_and_readme_table_read_a_recorded_run(quick_run, tmp_path):
+    out, _ = quick_run
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    done = run_suite("--replot", str(tmp_path / "results.json"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "results.json").read_text())
+    for name in report["plots"]:
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+    table = run_suite("--readme-table", str(tmp_path / "results.json"))
+    assert table.returncode == 0 and table.stdout.count("\n") == len(report["results"]) + 2
