@@ -147,23 +147,27 @@ def _reference_decode(codes, anchors):
     return reference.decode_boxes(codes, torch.cat(anchors), (1.0, 1.0, 1.0, 1.0)).reshape(len(codes), -1, 4)
 
 
-def decode_workload(num_images: int, quick=False) -> Workload:
-    count = _count(_rpn_anchor_count() // 1000 * 1000)
+def _rpn_coding_workload(op: str, what: str, num_images: int, make_inputs, ours, theirs, reference_fn,
+                         quick: bool) -> Workload:
+    """A box-coding workload over every anchor of ``num_images`` 800 x 1216 images."""
+    anchors = _rpn_anchor_count()
     return Workload(
-        f"decode-{num_images}x{count}", "decode", f"RPN deltas, {num_images} x {_rpn_anchor_count()} anchors",
-        dict(images=num_images, boxes=num_images * _rpn_anchor_count()), partial(_decode_inputs, num_images),
-        rpn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0)).decode, TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).decode,
-        _reference_decode, quick=quick, size=num_images * _rpn_anchor_count(), size_unit="boxes")
+        f"{op}-{num_images}x{_count(anchors // 1000 * 1000)}", op, f"{what}, {num_images} x {anchors} anchors",
+        dict(images=num_images, boxes=num_images * anchors), partial(make_inputs, num_images), ours, theirs,
+        reference_fn, quick=quick, size=num_images * anchors, size_unit="boxes")
+
+
+def decode_workload(num_images: int, quick=False) -> Workload:
+    weights = (1.0, 1.0, 1.0, 1.0)
+    return _rpn_coding_workload("decode", "RPN deltas", num_images, _decode_inputs, rpn_ops.BoxCoder(weights).decode,
+                                TorchvisionBoxCoder(weights).decode, _reference_decode, quick)
 
 
 def encode_workload(num_images: int, quick=False) -> Workload:
-    count = _count(_rpn_anchor_count() // 1000 * 1000)
-    return Workload(
-        f"encode-{num_images}x{count}", "encode", f"RPN targets, {num_images} x {_rpn_anchor_count()} anchors",
-        dict(images=num_images, boxes=num_images * _rpn_anchor_count()), partial(_encode_inputs, num_images),
-        rpn_ops.BoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single, TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single,
-        partial(reference.encode_boxes, weights=(1.0, 1.0, 1.0, 1.0)), quick=quick,
-        size=num_images * _rpn_anchor_count(), size_unit="boxes")
+    weights = (1.0, 1.0, 1.0, 1.0)
+    return _rpn_coding_workload("encode", "RPN targets", num_images, _encode_inputs,
+                                rpn_ops.BoxCoder(weights).encode_single, TorchvisionBoxCoder(weights).encode_single,
+                                partial(reference.encode_boxes, weights=weights), quick)
 
 
 WORKLOADS: List[Workload] = [

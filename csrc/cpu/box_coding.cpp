@@ -255,15 +255,8 @@ at::Tensor decode_boxes(const at::Tensor& rel_codes, const at::Tensor& boxes, at
   const int64_t classes = rel_codes.size(1) / 4;
   const at::Tensor codes = rel_codes.contiguous();
   const at::Tensor reference = box_per_item(boxes.to(type), classes);  // torchvision: boxes.to(rel_codes.dtype)
-  visit_float_type(type, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const CpuCodeWeights<T> code_weights(weights.data());
-    const T clip = to<T>(bbox_xform_clip);
-    if (out.scalar_type() == type) {
-      fill_decoded<T, T>(codes, reference, code_weights, clip, out);
-    } else {
-      fill_decoded<T, float>(codes, reference, code_weights, clip, out);
-    }
+  visit_decode_types(type, out.scalar_type(), [&]<typename T, typename S>() {
+    fill_decoded<T, S>(codes, reference, CpuCodeWeights<T>(weights.data()), to<T>(bbox_xform_clip), out);
   });
   return out;
 }
@@ -296,18 +289,10 @@ at::Tensor encode_boxes(const at::Tensor& reference_boxes, const at::Tensor& pro
                              reference_boxes.options().dtype(coding_output_type(mixed, float32_log)));
   if (out.numel() == 0) return out;
   const at::Tensor reference = reference_boxes.contiguous(), proposal = proposals.contiguous();
-  visit_float_type(reference.scalar_type(), [&](auto reference_tag) {
-    visit_float_type(proposal.scalar_type(), [&](auto proposal_tag) {
-      using R = typename decltype(reference_tag)::type;
-      using P = typename decltype(proposal_tag)::type;
-      using M = promoted_t<R, P>;
-      if (out.scalar_type() == mixed) {
-        fill_encoded<R, P, M>(reference, proposal, weights, out);
-      } else if constexpr (!std::is_same_v<M, float> && !std::is_same_v<M, double>) {
-        fill_encoded<R, P, float>(reference, proposal, weights, out);
-      }
-    });
-  });
+  const auto encode = [&]<typename R, typename P, typename L>() {
+    fill_encoded<R, P, L>(reference, proposal, weights, out);
+  };
+  visit_encode_types(reference.scalar_type(), proposal.scalar_type(), out.scalar_type(), encode);
   return out;
 }
 

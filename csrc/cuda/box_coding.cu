@@ -156,16 +156,9 @@ at::Tensor decode_boxes(const at::Tensor& rel_codes, const at::Tensor& boxes, at
   at::Tensor out = at::empty(rel_codes.sizes(), rel_codes.options().dtype(coding_output_type(type, float32_exp)));
   if (out.numel() == 0) return out;
   const at::Tensor reference = boxes.to(type);  // torchvision: boxes.to(rel_codes.dtype)
-  visit_float_type(type, [&](auto tag) {
-    using T = typename decltype(tag)::type;
+  visit_decode_types(type, out.scalar_type(), [&]<typename T, typename S>() {
     // PyTorch's CUDA `codes / weight` multiplies by the reciprocal computed in opmath.
-    const CudaCodeWeights<T> code_weights(weights.data());
-    const T clip = to<T>(bbox_xform_clip);
-    if (out.scalar_type() == type) {
-      fill_decoded<T, T>(rel_codes, reference, code_weights, clip, out);
-    } else {
-      fill_decoded<T, float>(rel_codes, reference, code_weights, clip, out);
-    }
+    fill_decoded<T, S>(rel_codes, reference, CudaCodeWeights<T>(weights.data()), to<T>(bbox_xform_clip), out);
   });
   return out;
 }
@@ -217,18 +210,10 @@ at::Tensor encode_boxes(const at::Tensor& reference_boxes, const at::Tensor& pro
   at::Tensor out = at::empty({reference_boxes.size(0), 4},
                              reference_boxes.options().dtype(coding_output_type(mixed, float32_log)));
   if (out.numel() == 0) return out;
-  visit_float_type(reference_boxes.scalar_type(), [&](auto reference_tag) {
-    visit_float_type(proposals.scalar_type(), [&](auto proposal_tag) {
-      using R = typename decltype(reference_tag)::type;
-      using P = typename decltype(proposal_tag)::type;
-      using M = promoted_t<R, P>;
-      if (out.scalar_type() == mixed) {
-        fill_encoded<R, P, M>(reference_boxes, proposals, weights, out);
-      } else if constexpr (!std::is_same_v<M, float> && !std::is_same_v<M, double>) {
-        fill_encoded<R, P, float>(reference_boxes, proposals, weights, out);
-      }
-    });
-  });
+  const auto encode = [&]<typename R, typename P, typename L>() {
+    fill_encoded<R, P, L>(reference_boxes, proposals, weights, out);
+  };
+  visit_encode_types(reference_boxes.scalar_type(), proposals.scalar_type(), out.scalar_type(), encode);
   return out;
 }
 
