@@ -11,6 +11,7 @@ import torch  # before rpn_ops: its extension links against torch's libraries
 import torchvision
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 import rpn_ops
 from rpn_ops import reference, workloads
@@ -23,7 +24,7 @@ REFERENCE_NMS_MAX_BOXES = 5_000  # the reference NMS is a Python loop per kept b
 @dataclass(frozen=True)
 class Workload:
     name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
-    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode"
+    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets"
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -170,6 +171,42 @@ def encode_workload(num_images: int, quick=False) -> Workload:
                                 partial(reference.encode_boxes, weights=weights), quick)
 
 
+def _assign_inputs(num_images: int, num_gt: int, device):
+    """Training targets of the RPN: every anchor of every image against ``num_gt`` ground-truth boxes each."""
+    _, anchors = _decode_inputs(num_images, device)
+    return anchors, [workloads.gt_boxes(num_gt, seed=i, device=device) for i in range(num_images)]
+
+
+def _flat(outputs) -> List[torch.Tensor]:
+    """(labels, matched boxes, targets), each a list per image, as one list for the parity check."""
+    return [t for per_image in outputs for t in per_image]
+
+
+def _torchvision_rpn() -> RegionProposalNetwork:
+    head = RPNHead(1, len(workloads.FPN_ASPECT_RATIOS[0]))
+    return RegionProposalNetwork(TorchvisionAnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS), head,
+                                 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000),
+                                 dict(training=2000, testing=1000), 0.7)
+
+
+def _torchvision_assign(rpn, anchors, gts):
+    labels, matched = rpn.assign_targets_to_anchors(anchors, [{"boxes": g} for g in gts])
+    return _flat((labels, matched, rpn.box_coder.encode(matched, anchors)))
+
+
+def assign_workload(num_images: int, num_gt: int, quick=False) -> Workload:
+    """torchvision: box_iou + Matcher per image, then the box coder's encode (what its RPN runs in training)."""
+    anchors = _rpn_anchor_count()
+    return Workload(
+        f"assign-{num_images}x{_count(anchors // 1000 * 1000)}-{num_gt}gt", "assign_targets",
+        f"{num_images} x {anchors} anchors, {num_gt} GT each", dict(images=num_images, gt=num_gt),
+        partial(_assign_inputs, num_images, num_gt), lambda a, g: _flat(rpn_ops.assign_targets(a, g)),
+        partial(_torchvision_assign, _torchvision_rpn()),
+        (lambda a, g: _flat(reference.assign_targets(a, g))) if num_gt <= 50 else None,
+        quick=quick, slow_torchvision_cpu=num_gt * num_images >= 1000, size=num_gt, size_unit="GT boxes per image",
+        series=f"batch {num_images}")
+
+
 WORKLOADS: List[Workload] = [
     *(nms_workload(n, quick=n <= 5_000) for n in (1_000, 5_000, 20_000, 100_000)),
     *(nms_workload(n, max_output=1000) for n in (20_000, 100_000)),
@@ -183,6 +220,7 @@ WORKLOADS: List[Workload] = [
     decode_workload(8),
     encode_workload(2),
     encode_workload(8),
+    *(assign_workload(images, gt, quick=images == 2 and gt == 50) for images in (2, 8) for gt in (10, 50, 500)),
 ]
 
 

@@ -1,7 +1,7 @@
 // Autocast. NMS family and box_iou: float16 / bfloat16 arguments are cast to float32, then the op runs with
 // autocast off. The kernels already compute half precision in float32, so this only matters for mixed inputs
 // (float16 scores with float32 boxes, as an autocast model produces them), which are valid under autocast.
-// Box coding: see below.
+// Box coding and target assignment: see below.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -69,6 +69,19 @@ at::Tensor encode_boxes_autocast_cuda(const at::Tensor& reference_boxes, const a
   return op.call(reference_boxes, proposals, weights, /*float32_log=*/true);
 }
 
+// Target assignment encodes as box coding does (the matching itself runs no autocast op in torchvision).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets_autocast_cuda(
+    const at::Tensor& gt_boxes, const at::Tensor& anchors, c10::SymIntArrayRef gt_per_image,
+    c10::SymIntArrayRef anchors_per_image, double high_threshold, double low_threshold, bool allow_low_quality_matches,
+    at::ArrayRef<double> weights, bool /*float32_log*/) {
+  NoAutocast<c10::DispatchKey::AutocastCUDA> off;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::assign_targets", "")
+                       .typed<decltype(assign_targets_autocast_cuda)>();
+  return op.call(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                 allow_low_quality_matches, weights, /*float32_log=*/true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rpn_ops, AutocastCPU, m) {
@@ -85,6 +98,7 @@ TORCH_LIBRARY_IMPL(rpn_ops, AutocastCUDA, m) {
   m.impl("box_iou", TORCH_FN((box_iou_autocast<key, c10::DeviceType::CUDA>)));
   m.impl("decode_boxes", TORCH_FN(decode_boxes_autocast_cuda));
   m.impl("encode_boxes", TORCH_FN(encode_boxes_autocast_cuda));
+  m.impl("assign_targets", TORCH_FN(assign_targets_autocast_cuda));
 }
 
 }  // namespace rpn_ops

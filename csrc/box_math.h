@@ -50,6 +50,13 @@ RPN_INLINE T iou_of(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1, T bx2, T
   return inter / (area_a + area_b - inter);
 }
 
+// torch.max's order: NaN above everything, the first of equal values kept. `value` replaces `best` (seen
+// earlier) only when it is strictly better. For numbers; target assignment reduces IoUs with it.
+template <typename T>
+RPN_INLINE bool better_match(T value, T best) {
+  return value > best || (value != value && best == best);
+}
+
 // Two boxes can only reach a positive intersection when they overlap strictly on both axes. With a
 // non-negative threshold, every pair failing this test has IoU 0, -0 or NaN and never suppresses.
 // (bool for numbers, a lane mask for vectors.)

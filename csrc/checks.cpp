@@ -172,6 +172,51 @@ void check_encode_inputs(const at::Tensor& reference_boxes, const at::Tensor& pr
   check_weights(weights);
 }
 
+void check_matching_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                           at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
+                           bool empty_gt_allowed) {
+  check_boxes(gt_boxes, "gt_boxes");
+  check_boxes(anchors, "anchors");
+  check_same_device(gt_boxes, "gt_boxes", anchors, "anchors");
+  for (const auto& [value, name] : {std::pair<double, const char*>{high_threshold, "high_threshold"},
+                                    {low_threshold, "low_threshold"}}) {
+    TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be a finite number >= 0, got ", value);
+  }
+  TORCH_CHECK_VALUE(low_threshold <= high_threshold, "low_threshold must be <= high_threshold, got low ",
+                    low_threshold, " and high ", high_threshold);
+  TORCH_CHECK_VALUE(gt_per_image.size() == anchors_per_image.size(), "one ground-truth count and one anchor count ",
+                    "per image are needed, got ", gt_per_image.size(), " and ", anchors_per_image.size());
+  int64_t gt_total = 0, anchor_total = 0;
+  for (size_t image = 0; image < gt_per_image.size(); ++image) {
+    const int64_t gts = gt_per_image[image], anchor_count = anchors_per_image[image];
+    TORCH_CHECK_VALUE(gts >= 0 && anchor_count >= 0, "image ", image, " has a negative box count (", gts,
+                      " ground-truth boxes, ", anchor_count, " anchors)");
+    TORCH_CHECK_VALUE(empty_gt_allowed || gts > 0, "image ", image, " has no ground-truth boxes; torchvision's ",
+                      "Matcher refuses that too (assign_targets gives such images all-background labels)");
+    TORCH_CHECK_VALUE(gts == 0 || anchor_count > 0, "image ", image, " has ", gts,
+                      " ground-truth boxes but no anchors to match them to");
+    gt_total += gts;
+    anchor_total += anchor_count;
+  }
+  TORCH_CHECK_VALUE(gt_total == gt_boxes.size(0), "the ground-truth counts per image sum to ", gt_total,
+                    " but gt_boxes has ", gt_boxes.size(0), " boxes");
+  TORCH_CHECK_VALUE(anchor_total == anchors.size(0), "the anchor counts per image sum to ", anchor_total,
+                    " but anchors has ", anchors.size(0), " boxes");
+}
+
+void check_assign_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                         at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
+                         at::ArrayRef<double> weights) {
+  check_matching_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                        /*empty_gt_allowed=*/true);
+  check_weights(weights);
+}
+
+void fail_non_finite_boxes(const char* name) {
+  TORCH_CHECK_VALUE(false, name, " has a box with an infinite or NaN coordinate; target assignment needs finite ",
+                    "boxes (torchvision would silently match such an anchor as foreground with NaN targets)");
+}
+
 at::ScalarType coding_output_type(at::ScalarType computed, bool float32_math) {
   return float32_math && (computed == at::kHalf || computed == at::kBFloat16) ? at::kFloat : computed;
 }

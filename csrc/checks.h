@@ -38,6 +38,19 @@ void check_encode_inputs(const at::Tensor& reference_boxes, const at::Tensor& pr
 // exponential / logarithm runs in float32, else the computation's dtype.
 at::ScalarType coding_output_type(at::ScalarType computed, bool float32_math);
 
+// Target assignment: ground-truth boxes [sum G_i, 4] and anchors [sum A_i, 4] of a batch of images, with
+// their per-image counts; finite thresholds 0 <= low <= high. match_anchors (empty_gt_allowed false) needs
+// ground truth and anchors in every image, as torchvision's Matcher; assign_targets gives images without
+// ground truth all-background labels. The boxes' values are checked by the kernels (non-finite: an error).
+void check_matching_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                           at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
+                           bool empty_gt_allowed);
+void check_assign_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                         at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
+                         at::ArrayRef<double> weights);
+// What a kernel reports when a box has an infinite or NaN coordinate.
+void fail_non_finite_boxes(const char* name);
+
 // Returns the broadcast batch shape of the two [..., N, 4] and [..., M, 4] inputs.
 std::vector<int64_t> check_box_iou_inputs(const at::Tensor& boxes1, const at::Tensor& boxes2);
 

@@ -93,3 +93,27 @@ def _encode_boxes_fake(reference_boxes, proposals, weights, float32_log=False):
                  lambda: "reference_boxes and proposals must have the same number of boxes")
     dtype = _coding_dtype(torch.promote_types(reference_boxes.dtype, proposals.dtype), float32_log)
     return reference_boxes.new_empty((reference_boxes.shape[0], 4), dtype=dtype)
+
+
+def _check_matching(gt_boxes, anchors, gt_per_image, anchors_per_image) -> None:
+    _check_boxes(gt_boxes, "gt_boxes")
+    _check_boxes(anchors, "anchors")
+    torch._check(len(gt_per_image) == len(anchors_per_image),
+                 lambda: "one ground-truth count and one anchor count per image are needed")
+
+
+@torch.library.register_fake("rpn_ops::match_anchors")
+def _match_anchors_fake(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                        allow_low_quality_matches):
+    _check_matching(gt_boxes, anchors, gt_per_image, anchors_per_image)
+    return anchors.new_empty((anchors.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("rpn_ops::assign_targets")
+def _assign_targets_fake(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                         allow_low_quality_matches, weights, float32_log=False):
+    _check_matching(gt_boxes, anchors, gt_per_image, anchors_per_image)
+    count = anchors.shape[0]
+    target_dtype = _coding_dtype(torch.promote_types(gt_boxes.dtype, anchors.dtype), float32_log)
+    return (anchors.new_empty((count,), dtype=torch.float32), gt_boxes.new_empty((count, 4)),
+            anchors.new_empty((count, 4), dtype=target_dtype))

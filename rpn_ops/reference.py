@@ -103,3 +103,52 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
     targets_dw = ww * torch.log(gt_widths / ex_widths)
     targets_dh = wh * torch.log(gt_heights / ex_heights)
     return torch.cat((targets_dx, targets_dy, targets_dw, targets_dh), dim=1)
+
+
+def matching_iou(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
+    """[G, A] IoU exactly as torchvision's box_iou computes it for any pair of dtypes: corners compared in the
+    promoted dtype, each extent upcast (float16/bfloat16 -> float32) after the subtraction, areas of the upcast
+    boxes."""
+    def upcast(t: Tensor) -> Tensor:
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+    gt, an = upcast(gt_boxes), upcast(anchors)
+    area_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    area_anchors = (an[:, 2] - an[:, 0]) * (an[:, 3] - an[:, 1])
+    top_left = torch.max(gt_boxes[:, None, :2], anchors[None, :, :2])
+    bottom_right = torch.min(gt_boxes[:, None, 2:], anchors[None, :, 2:])
+    wh = upcast(bottom_right - top_left).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_gt[:, None] + area_anchors[None, :] - inter)
+
+
+def match_anchors(gt_boxes: Tensor, anchors: Tensor, high_threshold: float = 0.7, low_threshold: float = 0.3,
+                  allow_low_quality_matches: bool = True) -> Tensor:
+    """Each anchor's best ground-truth box (first of ties; NaN wins), -1 below low, -2 between the thresholds;
+    anchors reaching a box's highest IoU keep their best box when low-quality matches are allowed."""
+    iou = matching_iou(gt_boxes, anchors)
+    best, best_gt = iou.max(dim=0)
+    matches = best_gt.clone()
+    matches[best < low_threshold] = -1
+    matches[(best >= low_threshold) & (best < high_threshold)] = -2
+    if allow_low_quality_matches:
+        reaches_highest = (iou == iou.max(dim=1).values[:, None]).any(dim=0)
+        matches[reaches_highest] = best_gt[reaches_highest]
+    return matches
+
+
+def assign_targets(anchors: List[Tensor], gt_boxes: List[Tensor], fg_iou_thresh: float = 0.7,
+                   bg_iou_thresh: float = 0.3, allow_low_quality_matches: bool = True, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Per image: labels (1 / 0 / -1, float32) and matched boxes (float32 zeros without ground truth), then the
+    regression targets of all images encoded together, as RegionProposalNetwork does."""
+    labels, matched = [], []
+    for anchors_per_image, gt in zip(anchors, gt_boxes):
+        if gt.numel() == 0:
+            labels.append(torch.zeros(len(anchors_per_image), dtype=torch.float32, device=anchors_per_image.device))
+            matched.append(torch.zeros(anchors_per_image.shape, dtype=torch.float32, device=anchors_per_image.device))
+            continue
+        matches = match_anchors(gt, anchors_per_image, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches)
+        labels.append(torch.where(matches >= 0, 1.0, torch.where(matches == -1, 0.0, -1.0)).float())
+        matched.append(gt[matches.clamp(min=0)])
+    targets = encode_boxes(torch.cat(matched), torch.cat(list(anchors)), weights)
+    return labels, matched, list(targets.split([len(a) for a in anchors]))

@@ -1,6 +1,6 @@
 """Bad input raises a Python error that says what was wrong and names the argument, on every device; it never
 crashes the process (the whole matrix also runs in a subprocess, where a segfault fails the test). The matrix
-covers every public function: the NMS family, box_iou, box coding and anchors."""
+covers every public function: the NMS family, box_iou, box coding, anchors and target assignment."""
 import os
 import re
 import subprocess
@@ -275,7 +275,62 @@ def _image_list(device):
     return ImageBatch(torch.zeros(1, 3, 32, 32, device=device), [(32, 32)])
 
 
-CASES = nms_cases() + batched_nms_cases() + box_iou_cases() + box_coding_cases() + anchor_cases()
+def matching_cases() -> List[Case]:
+    match, assign, op, g, a = rpn_ops.match_anchors, rpn_ops.assign_targets, torch.ops.rpn_ops.match_anchors, _gt, _boxes
+
+    def broken(tensor, value):
+        tensor[3, 2] = value
+        return tensor
+
+    return [
+        Case("match_low_above_high", lambda d: match(g(d), a(d), 0.3, 0.7), ValueError,
+             "low_threshold must be <= high_threshold, got low 0.7 and high 0.3"),
+        Case("match_negative_low", lambda d: match(g(d), a(d), 0.7, -0.1), ValueError,
+             "low_threshold must be a finite number >= 0, got -0.1"),
+        Case("match_nan_high", lambda d: match(g(d), a(d), float("nan"), 0.3), ValueError,
+             "high_threshold must be a finite number >= 0, got nan"),
+        Case("assign_inf_fg", lambda d: assign([a(d)], [g(d)], float("inf"), 0.3), ValueError,
+             "high_threshold must be a finite number >= 0, got inf"),
+        Case("match_string_threshold", lambda d: match(g(d), a(d), "0.7"), TypeError, "high_threshold must be a number"),
+        Case("match_no_gt", lambda d: match(g(d)[:0], a(d)), ValueError, "image 0 has no ground-truth boxes"),
+        Case("match_no_anchors", lambda d: match(g(d), a(d)[:0]), ValueError,
+             "image 0 has 6 ground-truth boxes but no anchors to match them to"),
+        Case("match_gt_width_3", lambda d: match(g(d)[:, :3], a(d)), ValueError,
+             r"gt_boxes must have shape \[N, 4\], got \(6, 3\)"),
+        Case("assign_anchors_1d", lambda d: assign([a(d).flatten()], [g(d)]), ValueError,
+             r"anchors\[0\] must have shape \[N, 4\], got \(24,\)"),
+        Case("match_anchors_int", lambda d: match(g(d), a(d).int()), TypeError,
+             "anchors must be float16, bfloat16, float32 or float64, got Int"),
+        Case("match_nan_anchor", lambda d: match(g(d), broken(a(d), float("nan"))), ValueError,
+             "anchors has a box with an infinite or NaN coordinate|gt_boxes or anchors has a box"),
+        Case("assign_inf_gt", lambda d: assign([a(d)], [broken(g(d), float("inf"))]), ValueError,
+             "gt_boxes has a box with an infinite or NaN coordinate|gt_boxes or anchors has a box"),
+        Case("match_tensor_and_list", lambda d: match([g(d)], a(d)), TypeError, "both be tensors or both be lists"),
+        Case("match_list_lengths", lambda d: match([g(d), g(d)], [a(d)]), ValueError,
+             "one entry of ground truth per image of anchors is needed: 1 images of anchors, 2 of ground truth"),
+        Case("assign_list_lengths", lambda d: assign([a(d), a(d)], [g(d)]), ValueError,
+             "one entry of ground truth per image"),
+        Case("assign_dict_without_boxes", lambda d: assign([a(d)], [{"labels": g(d)}]), KeyError, "'boxes'"),
+        Case("assign_gt_as_list", lambda d: assign([a(d)], [g(d).tolist()]), TypeError,
+             "ground-truth boxes must be a tensor or a dict with 'boxes'"),
+        Case("assign_gt_dtypes_differ", lambda d: assign([a(d), a(d)], [g(d), g(d).double()]), TypeError,
+             "ground-truth boxes of all images must have one dtype"),
+        Case("assign_zero_weight", lambda d: assign([a(d)], [g(d)], weights=(1.0, 0.0, 1.0, 1.0)), ValueError,
+             "weights must be finite and > 0"),
+        Case("match_counts_sum", lambda d: op(g(d), a(d), [6], [5], 0.7, 0.3, True), ValueError,
+             "the anchor counts per image sum to 5 but anchors has 6 boxes"),
+        Case("match_counts_lengths", lambda d: op(g(d), a(d), [2, 4], [6], 0.7, 0.3, True), ValueError,
+             "one ground-truth count and one anchor count per image are needed, got 2 and 1"),
+        Case("match_negative_count", lambda d: op(g(d), a(d), [7, -1], [3, 3], 0.7, 0.3, True), ValueError,
+             "image 1 has a negative box count"),
+        Case("match_devices_differ", lambda d: match(g(d), a(_other(d))), RuntimeError,
+             "gt_boxes and anchors must be on the same device", cuda_only=True),
+        Case("assign_devices_differ", lambda d: assign([a(_other(d))], [g(d)]), RuntimeError,
+             "gt_boxes and anchors must be on the same device", cuda_only=True),
+    ]
+
+
+CASES = nms_cases() + batched_nms_cases() + box_iou_cases() + box_coding_cases() + anchor_cases() + matching_cases()
 
 
 def check_case(case: Case, device: str) -> None:

@@ -28,6 +28,9 @@ def every_op(seed, device="cpu"):
         "decode": rpn_ops.decode_boxes(codes, anchors[0], (10.0, 10.0, 5.0, 5.0)),
         "decode half": rpn_ops.decode_boxes(codes.half(), anchors[0], (1.0, 1.0, 1.0, 1.0)),
         "encode": rpn_ops.encode_boxes(targets_for, anchors[0], (1.0, 1.0, 1.0, 1.0)),
+        "match_anchors": torch.cat(rpn_ops.match_anchors([gt, gt[:7]], anchors)),
+        **{f"assign_targets {i}": torch.cat(outputs) for i, outputs in enumerate(rpn_ops.assign_targets(
+            anchors, [gt, gt[:0]]))},
     }
 
 

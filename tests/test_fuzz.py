@@ -9,11 +9,13 @@ small numbers to paste into a named regression test. CI runs the bounded "ci" pr
 import math
 import os
 
+import pytest
 import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 
 import rpn_ops
@@ -123,3 +125,23 @@ def test_anchors_equal_torchvision(levels, per_level_sizes, ratios, height, widt
     assert len(got) == len(expected)
     for o, e in zip(got, expected):
         assert_bits(o, e)
+
+
+@given(gt_kind=box_kinds, anchor_kind=box_kinds, g=st.integers(1, 30), a=st.integers(1, 300), seed=seeds,
+       gt_dtype=dtypes, anchor_dtype=dtypes, thresholds=st.sampled_from([(0.7, 0.3), (0.5, 0.5), (0.0, 0.0), (0.9, 0.1)]),
+       allow=st.booleans())
+def test_match_anchors_equals_torchvision(gt_kind, anchor_kind, g, a, seed, gt_dtype, anchor_dtype, thresholds,
+                                          allow):
+    """Finite boxes: torchvision's Matcher(box_iou) and the reference, index for index. Non-finite: refused."""
+    gt, _ = make_boxes(gt_kind, g, seed, gt_dtype, 0)
+    anchors, _ = make_boxes(anchor_kind, a, seed + 1, anchor_dtype, 0)
+    if gt_kind == anchor_kind == "realistic":
+        anchors[: min(g, a)] = gt[: min(g, a)].to(anchor_dtype)  # some exact hits and ties
+    high, low = thresholds
+    if not (torch.isfinite(gt).all() and torch.isfinite(anchors).all()):
+        with pytest.raises(ValueError, match="infinite or NaN coordinate"):
+            rpn_ops.match_anchors(gt, anchors, high, low, allow)
+        return
+    expected = Matcher(high, low, allow)(torchvision.ops.box_iou(gt, anchors))
+    assert_indices(rpn_ops.match_anchors(gt, anchors, high, low, allow), expected, "cpu")
+    assert_indices(reference.match_anchors(gt, anchors, high, low, allow), expected, "cpu")

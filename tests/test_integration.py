@@ -28,16 +28,19 @@ def run_python(code, cwd, extra_path=()):
 
 def test_public_api():
     assert set(rpn_ops.__all__) >= {"nms", "batched_nms", "box_iou", "build_info", "set_cpu_isa", "AnchorGenerator",
-                                    "BoxCoder", "cell_anchors", "grid_anchors", "decode_boxes", "encode_boxes"}
-    for name in ("nms", "batched_nms", "box_iou", "grid_anchors", "decode_boxes", "encode_boxes"):
+                                    "BoxCoder", "cell_anchors", "grid_anchors", "decode_boxes", "encode_boxes",
+                                    "match_anchors", "assign_targets", "BalancedPositiveNegativeSampler"}
+    for name in ("nms", "batched_nms", "box_iou", "grid_anchors", "decode_boxes", "encode_boxes", "match_anchors",
+                 "assign_targets"):
         assert hasattr(torch.ops.rpn_ops, name)
         assert callable(getattr(rpn_ops, name)) and getattr(rpn_ops, name).__doc__
-    assert all(getattr(rpn_ops, name).__doc__ for name in ("AnchorGenerator", "BoxCoder", "cell_anchors"))
+    assert all(getattr(rpn_ops, name).__doc__
+               for name in ("AnchorGenerator", "BoxCoder", "cell_anchors", "BalancedPositiveNegativeSampler"))
 
 
 def _faster_rcnn_pair():
-    """A randomly initialised torchvision Faster R-CNN and a copy whose anchor generator and box coders are
-    rpn_ops', configured from the original's."""
+    """A randomly initialised torchvision Faster R-CNN and a copy whose anchor generator, box coders, target
+    assignment and sampler are rpn_ops', configured from the original's."""
     import copy
 
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
@@ -50,10 +53,15 @@ def _faster_rcnn_pair():
     swapped.rpn.box_coder = rpn_ops.BoxCoder(model.rpn.box_coder.weights, model.rpn.box_coder.bbox_xform_clip)
     swapped.roi_heads.box_coder = rpn_ops.BoxCoder(model.roi_heads.box_coder.weights,
                                                    model.roi_heads.box_coder.bbox_xform_clip)
+    rpn, matcher = swapped.rpn, swapped.rpn.proposal_matcher  # the README's lines
+    rpn.assign_targets_to_anchors = lambda anchors, targets: rpn_ops.assign_targets(
+        anchors, targets, matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches)[:2]
+    rpn.fg_bg_sampler = rpn_ops.BalancedPositiveNegativeSampler(rpn.fg_bg_sampler.batch_size_per_image,
+                                                                rpn.fg_bg_sampler.positive_fraction)
     return model, swapped
 
 
-def test_swapping_anchor_generator_and_box_coders_into_faster_rcnn_keeps_outputs_and_losses():
+def test_swapping_rpn_pieces_into_faster_rcnn_keeps_outputs_and_losses():
     model, swapped = _faster_rcnn_pair()
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 300, 400, generator=g), torch.rand(3, 280, 350, generator=g)]
@@ -61,16 +69,17 @@ def test_swapping_anchor_generator_and_box_coders_into_faster_rcnn_keeps_outputs
         expected, got = model(images), swapped(images)
     for e, o in zip(expected, got):
         assert e.keys() == o.keys() and all(torch.equal(e[k], o[k]) for k in e)
-    targets = [{"boxes": workloads.gt_boxes(n, seed=n, image_size=(280, 350)), "labels": torch.randint(1, 91, (n,))}
-               for n in (3, 12)]
     model.train(), swapped.train()
-    torch.manual_seed(2)
-    expected_losses = model(images, targets)
-    torch.manual_seed(2)
-    got_losses = swapped(images, targets)
-    assert expected_losses.keys() == got_losses.keys()
-    for name in expected_losses:
-        assert torch.equal(expected_losses[name], got_losses[name]), name
+    for counts in [(3, 12), (0, 40)]:  # an image without ground truth, a crowded one
+        targets = [{"boxes": workloads.gt_boxes(n, seed=n, image_size=(280, 350)).reshape(n, 4),
+                    "labels": torch.randint(1, 91, (n,))} for n in counts]
+        torch.manual_seed(2)
+        expected_losses = model(images, targets)
+        torch.manual_seed(2)
+        got_losses = swapped(images, targets)
+        assert expected_losses.keys() == got_losses.keys()
+        for name in expected_losses:
+            assert torch.equal(expected_losses[name], got_losses[name]), (counts, name)
 
 
 def test_operator_schemas():

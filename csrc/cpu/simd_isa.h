@@ -40,6 +40,7 @@ constexpr int kVectorBytes = RPN_VECTOR_BYTES;
 #include "simd_vectors.h"
 #include "nms_greedy_impl.h"
 #include "box_iou_impl.h"
+#include "match_impl.h"
 }  // namespace rpn_ops::cpu::RPN_ISA
 
 #if defined(RPN_ISA_TARGET) && defined(__clang__)

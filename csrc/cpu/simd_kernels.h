@@ -1,9 +1,11 @@
 // The CPU hot loops, compiled once per instruction set (simd_{baseline,avx2,avx512}.cpp) and chosen at run
 // time with kernels_for(current_isa()): the greedy NMS over boxes laid out for SIMD and spatial pruning
-// (the layout is built by cpu/nms.cpp), and rows of the IoU matrix (cpu/box_iou.cpp).
+// (the layout is built by cpu/nms.cpp), rows of the IoU matrix (cpu/box_iou.cpp), and target assignment's
+// best-match and low-quality-match loops (cpu/matching.cpp).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu_isa.h"
 #include "isa_targets.h"
@@ -78,10 +80,27 @@ struct ColumnBoxes {
 template <typename T>
 using IouRows = void (*)(const T* rows, int64_t row_count, const ColumnBoxes<T>& columns, T* out);
 
+// Target assignment (cpu/matching.cpp): the index of a ground-truth box, as wide as T so that index and IoU
+// lanes line up.
+template <typename T>
+using MatchIndex = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+// IoU of one ground-truth box `gt` (x1, y1, x2, y2, area) with each anchor: where it is better (torch.max's
+// order) than best[j], best[j] and best_gt[j] take it and gt_index. Returns the largest of these IoUs (NaN
+// wins).
+template <typename T>
+using MatchUpdate = T (*)(const ColumnBoxes<T>& anchors, const T* gt, MatchIndex<T> gt_index, T* best,
+                         MatchIndex<T>* best_gt);
+// flags[j] = 1 where IoU(gt, anchor j) == target.
+template <typename T>
+using MatchFlag = void (*)(const ColumnBoxes<T>& anchors, const T* gt, T target, uint8_t* flags);
+
 template <typename T>
 struct Kernels {
   GreedyNms<T> greedy_nms;
   IouRows<T> iou_rows;
+  MatchUpdate<T> match_update;
+  MatchFlag<T> match_flag;
 };
 
 #define RPN_DECLARE_KERNELS(isa)                                                                            \
@@ -91,6 +110,11 @@ struct Kernels {
                      int64_t max_output, uint32_t* suppressed, int64_t* keep);                              \
   template <typename T>                                                                                     \
   void iou_rows(const T* rows, int64_t row_count, const ColumnBoxes<T>& columns, T* out);                  \
+  template <typename T>                                                                                     \
+  T match_update(const ColumnBoxes<T>& anchors, const T* gt, MatchIndex<T> gt_index, T* best,              \
+                 MatchIndex<T>* best_gt);                                                                   \
+  template <typename T>                                                                                     \
+  void match_flag(const ColumnBoxes<T>& anchors, const T* gt, T target, uint8_t* flags);                   \
   }
 RPN_DECLARE_KERNELS(baseline)
 RPN_DECLARE_KERNELS(avx2)
@@ -100,10 +124,12 @@ RPN_DECLARE_KERNELS(avx512)
 template <typename T>
 Kernels<T> kernels_for(Isa isa) {
 #if defined(RPN_OPS_X86_ISAS)
-  if (isa == Isa::avx512) return {&avx512::greedy_nms<T>, &avx512::iou_rows<T>};
-  if (isa == Isa::avx2) return {&avx2::greedy_nms<T>, &avx2::iou_rows<T>};
+  if (isa == Isa::avx512) {
+    return {&avx512::greedy_nms<T>, &avx512::iou_rows<T>, &avx512::match_update<T>, &avx512::match_flag<T>};
+  }
+  if (isa == Isa::avx2) return {&avx2::greedy_nms<T>, &avx2::iou_rows<T>, &avx2::match_update<T>, &avx2::match_flag<T>};
 #endif
-  return {&baseline::greedy_nms<T>, &baseline::iou_rows<T>};
+  return {&baseline::greedy_nms<T>, &baseline::iou_rows<T>, &baseline::match_update<T>, &baseline::match_flag<T>};
 }
 
 }  // namespace rpn_ops::cpu

@@ -17,46 +17,12 @@
 #include "../box_coding.h"
 #include "../checks.h"
 #include "../dispatch.h"
+#include "launch.cuh"
 
 namespace rpn_ops::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535 * 8;  // grid-stride loops cover the rest
-constexpr int kMaxLevels = 16;             // levels per grid_anchors launch; more levels take more launches
-
-unsigned blocks_for(int64_t items) {
-  return static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-// Four values of T stored at once: one 16-byte store for float, 8 bytes for float16 / bfloat16, two 16-byte
-// stores for double.
-template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
-};
-
-template <typename T>
-bool aligned_for_vec4(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % alignof(Vec4<T>) == 0;
-}
-
-template <typename T>
-__device__ __forceinline__ void store4(T* dst, const T (&v)[4], bool vectorized) {
-  if (vectorized) {
-    Vec4<T> packed;
-    packed.v[0] = v[0];
-    packed.v[1] = v[1];
-    packed.v[2] = v[2];
-    packed.v[3] = v[3];
-    *reinterpret_cast<Vec4<T>*>(dst) = packed;
-  } else {
-    dst[0] = v[0];
-    dst[1] = v[1];
-    dst[2] = v[2];
-    dst[3] = v[3];
-  }
-}
+constexpr int kMaxLevels = 16;  // levels per grid_anchors launch; more levels take more launches
 
 // ---------------------------------------------------------------------------------------------------------
 // Anchors
@@ -165,12 +131,6 @@ at::Tensor decode_boxes(const at::Tensor& rel_codes, const at::Tensor& boxes, at
 
 // ---------------------------------------------------------------------------------------------------------
 // Encode
-
-// The weights rounded to the reference boxes' dtype R, passed by value.
-template <typename R>
-struct EncodeWeights {
-  R w[4];
-};
 
 // One thread per box; reference_boxes and proposals [n, 4] read through their strides.
 template <typename R, typename P, typename L>

@@ -1,0 +1,326 @@
+// CUDA target assignment without the [G, A] IoU matrix: two kernels for the whole batch, O(anchors + ground
+// truth) memory, one host synchronisation at the end (the finiteness check).
+//
+// Grid: blockIdx.y walks the images, blockIdx.x the anchors of an image, one anchor per thread. The image's
+// ground-truth boxes go through shared memory in tiles.
+// best_match_kernel: each anchor's best IoU and box in torch.max's order; each box's highest IoU, reduced per
+// warp, then per block in shared memory, then across blocks with atomicMax on order-preserving keys.
+// decide_kernel: the anchors below the high threshold look for a box whose highest IoU they reach (only boxes
+// with highest <= their best can qualify); then Matcher's decision (matching.h), and for assign_targets the
+// labels, the matched boxes and their encoding (box_coding.h, with the device's logf as PyTorch's CUDA log).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../dispatch.h"
+#include "../matching.h"
+#include "launch.cuh"
+
+namespace rpn_ops::cuda {
+namespace {
+
+constexpr int kTileBoxes = 256;  // ground-truth boxes per shared-memory tile
+constexpr int kMaxImagesPerGrid = 65535;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// One image's slice of the batch; the table lives on the device.
+struct ImageSpan {
+  int64_t first_anchor, anchors, first_gt, gts;
+};
+
+template <typename U>
+using key_t = std::conditional_t<std::is_same_v<U, double>, unsigned long long, uint32_t>;
+
+template <typename K>
+__device__ __forceinline__ K warp_max(K key) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(K) == 4) {
+    return __reduce_max_sync(kFullWarp, key);
+  } else
+#endif
+  {
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const K other = __shfl_xor_sync(kFullWarp, key, offset);
+      key = other > key ? other : key;
+    }
+    return key;
+  }
+}
+
+template <typename U>
+__device__ __forceinline__ bool is_finite_box(const MatchBox<U>& box) {
+  return isfinite(box.x1) && isfinite(box.y1) && isfinite(box.x2) && isfinite(box.y2);
+}
+
+// Loops over the images of the grid's y dimension and, within each, over blocks of blockDim.x anchors; every
+// thread of a block takes every step (the shared-memory tiles need them all), `body(image, anchor, in_range)`.
+template <typename F>
+__device__ __forceinline__ void for_each_anchor_block(const ImageSpan* images, int64_t image_count, const F& body) {
+  for (int64_t image = blockIdx.y; image < image_count; image += gridDim.y) {
+    const ImageSpan span = images[image];
+    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; first < span.anchors;
+         first += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t anchor = first + threadIdx.x;
+      body(span, anchor, anchor < span.anchors);
+    }
+  }
+}
+
+// Tile `first` of the image's ground-truth boxes into shared memory, flagging non-finite ones.
+template <typename G, typename U>
+__device__ __forceinline__ int load_gt_tile(const G* gt_boxes, const ImageSpan& span, int64_t first,
+                                            MatchBox<U>* tile, int* non_finite) {
+  const int count = static_cast<int>(span.gts - first < kTileBoxes ? span.gts - first : kTileBoxes);
+  for (int t = threadIdx.x; t < count; t += blockDim.x) {
+    tile[t] = match_box<U>(gt_boxes + 4 * (span.first_gt + first + t));
+    if (!is_finite_box(tile[t])) *non_finite = 1;
+  }
+  return count;
+}
+
+template <typename G, typename A, typename C, typename U>
+__global__ void best_match_kernel(const G* __restrict__ gt_boxes, const A* __restrict__ anchors,
+                                  const ImageSpan* __restrict__ images, int64_t image_count, U* __restrict__ best_iou,
+                                  int32_t* __restrict__ best_gt, key_t<U>* __restrict__ gt_highest,
+                                  int* __restrict__ non_finite) {
+  __shared__ MatchBox<U> tile[kTileBoxes];
+  __shared__ key_t<U> tile_highest[kTileBoxes];
+  const bool warp_leader = threadIdx.x % 32 == 0;
+  for_each_anchor_block(images, image_count, [&](const ImageSpan& span, int64_t j, bool in_range) {
+    if (span.gts == 0) return;
+    const int64_t index = span.first_anchor + j;
+    const MatchBox<U> anchor = in_range ? match_box<U>(anchors + 4 * index) : MatchBox<U>{};
+    if (in_range && !is_finite_box(anchor)) *non_finite = 1;
+    U best = U(0);  // torch.max of all +-0 IoUs: box 0
+    int32_t best_index = 0;
+    for (int64_t first = 0; first < span.gts; first += kTileBoxes) {
+      __syncthreads();
+      const int count = load_gt_tile(gt_boxes, span, first, tile, non_finite);
+      for (int t = threadIdx.x; t < count; t += blockDim.x) tile_highest[t] = 0;
+      __syncthreads();
+      for (int t = 0; t < count; ++t) {
+        const U iou = match_iou<C>(tile[t], anchor);
+        if (better_match(iou, best)) best = iou, best_index = static_cast<int32_t>(first + t);
+        const key_t<U> highest = warp_max(in_range ? key_of(iou) : key_t<U>{0});
+        if (warp_leader && highest != 0) atomicMax(&tile_highest[t], highest);
+      }
+      __syncthreads();
+      for (int t = threadIdx.x; t < count; t += blockDim.x) {
+        if (tile_highest[t] != 0) atomicMax(&gt_highest[span.first_gt + first + t], tile_highest[t]);
+      }
+    }
+    if (in_range) best_iou[index] = best, best_gt[index] = best_index;
+  });
+}
+
+// What decide_kernel writes per anchor: the match (match_anchors) ...
+struct MatchWriter {
+  int64_t* matches;
+  __device__ void operator()(const ImageSpan&, int64_t index, int64_t match) const {
+    matches[index] = match;
+  }
+};
+
+// ... or the label, the matched ground truth (zeros for an image without any) and its encoding against the
+// anchor (assign_targets).
+template <typename G, typename A, typename L>
+struct TargetWriter {
+  const G* gt_boxes;
+  const A* anchors;
+  EncodeWeights<G> weights;
+  float* labels;
+  G* matched_gt;
+  L* targets;
+  bool vectorized;
+
+  __device__ void operator()(const ImageSpan& span, int64_t index, int64_t match) const {
+    G matched[4] = {G(0), G(0), G(0), G(0)};
+    if (span.gts > 0) {
+      const G* box = gt_boxes + 4 * (span.first_gt + (match > 0 ? match : 0));
+      for (int i = 0; i < 4; ++i) matched[i] = box[i];
+    }
+    labels[index] = span.gts > 0 ? label_of(match) : 0.0f;
+    store4(matched_gt + 4 * index, matched, vectorized);
+    const A* a = anchors + 4 * index;
+    const A anchor[4] = {a[0], a[1], a[2], a[3]};
+    const EncodeStart<G, A, L> start = encode_start<L>(matched, anchor, weights.w);
+    L encoded[4];
+    encode_finish(start, log_as<L>(start.width_ratio), log_as<L>(start.height_ratio), weights.w, encoded);
+    store4(targets + 4 * index, encoded, vectorized);
+  }
+};
+
+template <typename G, typename A, typename C, typename U, typename Writer>
+__global__ void decide_kernel(const G* __restrict__ gt_boxes, const A* __restrict__ anchors,
+                              const ImageSpan* __restrict__ images, int64_t image_count,
+                              const U* __restrict__ best_iou, const int32_t* __restrict__ best_gt,
+                              const key_t<U>* __restrict__ gt_highest, const MatchThresholds<U> thresholds,
+                              int* __restrict__ non_finite, const Writer writer) {
+  __shared__ MatchBox<U> tile[kTileBoxes];
+  __shared__ U tile_highest[kTileBoxes];
+  for_each_anchor_block(images, image_count, [&](const ImageSpan& span, int64_t j, bool in_range) {
+    const int64_t index = span.first_anchor + j;
+    if (span.gts == 0) {
+      if (in_range) writer(span, index, kBelowLowThreshold);
+      return;
+    }
+    const U best = in_range ? best_iou[index] : U(0);
+    // Only an anchor that the thresholds would not make foreground can change through a low-quality match.
+    const bool looks = in_range && thresholds.allow_low_quality_matches && best < thresholds.high;
+    bool reaches_gt_highest = false;
+    if (__syncthreads_or(looks)) {
+      const MatchBox<U> anchor = looks ? match_box<U>(anchors + 4 * index) : MatchBox<U>{};
+      for (int64_t first = 0; first < span.gts; first += kTileBoxes) {
+        __syncthreads();
+        const int count = load_gt_tile(gt_boxes, span, first, tile, non_finite);
+        for (int t = threadIdx.x; t < count; t += blockDim.x) {
+          tile_highest[t] = value_of_key<U>(gt_highest[span.first_gt + first + t]);
+        }
+        __syncthreads();
+        for (int t = 0; looks && !reaches_gt_highest && t < count; ++t) {
+          // IoU(box, anchor) <= best: a box whose highest IoU is above it (or NaN) cannot be reached.
+          reaches_gt_highest = tile_highest[t] <= best && match_iou<C>(tile[t], anchor) == tile_highest[t];
+        }
+      }
+    }
+    if (in_range) {
+      writer(span, index, match_decision(best, static_cast<int64_t>(best_gt[index]), reaches_gt_highest, thresholds));
+    }
+  });
+}
+
+// The device buffers of one call: the image table, the per-anchor best IoU and box, the per-box highest IoU
+// keys (zero: below every IoU) and the non-finite flag.
+template <typename U>
+struct MatchBuffers {
+  at::Tensor images, best_iou, best_gt, gt_highest, non_finite;
+  int64_t image_count = 0, max_anchors = 0;
+
+  MatchBuffers(const at::Tensor& anchors, int64_t gt_count, at::IntArrayRef gt_per_image,
+               at::IntArrayRef anchors_per_image) {
+    image_count = static_cast<int64_t>(gt_per_image.size());
+    std::vector<int64_t> table;
+    int64_t first_anchor = 0, first_gt = 0;
+    for (int64_t i = 0; i < image_count; ++i) {
+      table.insert(table.end(), {first_anchor, anchors_per_image[i], first_gt, gt_per_image[i]});
+      first_anchor += anchors_per_image[i];
+      first_gt += gt_per_image[i];
+      max_anchors = std::max(max_anchors, anchors_per_image[i]);
+    }
+    static_assert(sizeof(ImageSpan) == 4 * sizeof(int64_t));
+    images = at::tensor(table, at::TensorOptions(at::kLong)).to(anchors.device());
+    const auto options = anchors.options();
+    best_iou = at::empty({anchors.size(0)}, options.dtype(c10::CppTypeToScalarType<U>::value));
+    best_gt = at::empty({anchors.size(0)}, options.dtype(at::kInt));
+    gt_highest = at::zeros({gt_count}, options.dtype(sizeof(key_t<U>) == 4 ? at::kInt : at::kLong));
+    non_finite = at::zeros({1}, options.dtype(at::kInt));
+  }
+
+  dim3 grid() const {
+    return dim3(blocks_for(max_anchors), static_cast<unsigned>(std::min<int64_t>(image_count, kMaxImagesPerGrid)));
+  }
+  const ImageSpan* spans() const { return reinterpret_cast<const ImageSpan*>(images.data_ptr<int64_t>()); }
+  key_t<U>* highest_keys() const { return reinterpret_cast<key_t<U>*>(gt_highest.data_ptr()); }
+};
+
+template <typename G, typename A, typename Writer>
+void match_batch(const at::Tensor& gt, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                 at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
+                 bool allow_low_quality_matches, const Writer& writer) {
+  using U = iou_t<G, A>;
+  using C = corner_t<G, A>;
+  const MatchBuffers<U> buffers(anchors, gt.size(0), gt_per_image, anchors_per_image);
+  const MatchThresholds<U> thresholds{static_cast<U>(high_threshold), static_cast<U>(low_threshold),
+                                      allow_low_quality_matches};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const G* gt_data = gt.numel() > 0 ? gt.data_ptr<G>() : nullptr;
+  int* non_finite = buffers.non_finite.template data_ptr<int>();
+  best_match_kernel<G, A, C, U><<<buffers.grid(), kThreads, 0, stream>>>(
+      gt_data, anchors.data_ptr<A>(), buffers.spans(), buffers.image_count, buffers.best_iou.template data_ptr<U>(),
+      buffers.best_gt.template data_ptr<int32_t>(), buffers.highest_keys(), non_finite);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  decide_kernel<G, A, C, U><<<buffers.grid(), kThreads, 0, stream>>>(
+      gt_data, anchors.data_ptr<A>(), buffers.spans(), buffers.image_count, buffers.best_iou.template data_ptr<U>(),
+      buffers.best_gt.template data_ptr<int32_t>(), buffers.highest_keys(), thresholds, non_finite, writer);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (buffers.non_finite.template item<int>() != 0) fail_non_finite_boxes("gt_boxes or anchors");
+}
+
+template <typename F>
+void visit_matching_types(const at::Tensor& gt_boxes, const at::Tensor& anchors, F&& f) {
+  visit_float_type(gt_boxes.scalar_type(), [&](auto gt_tag) {
+    using G = typename decltype(gt_tag)::type;
+    visit_float_type(anchors.scalar_type(), [&](auto anchor_tag) {
+      using A = typename decltype(anchor_tag)::type;
+      f.template operator()<G, A>();
+    });
+  });
+}
+
+at::Tensor match_anchors(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                         at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
+                         bool allow_low_quality_matches) {
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  check_matching_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                        /*empty_gt_allowed=*/false);
+  at::Tensor out = at::empty({anchors.size(0)}, anchors.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  const at::Tensor gt = gt_boxes.contiguous(), anchor = anchors.contiguous();
+  visit_matching_types(gt, anchor, [&]<typename G, typename A>() {
+    match_batch<G, A>(gt, anchor, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                      allow_low_quality_matches, MatchWriter{out.data_ptr<int64_t>()});
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets(
+    const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+    at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold, bool allow_low_quality_matches,
+    at::ArrayRef<double> weights, bool float32_log) {
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  check_assign_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold, weights);
+  const int64_t n = anchors.size(0);
+  const auto target_type =
+      coding_output_type(at::promoteTypes(gt_boxes.scalar_type(), anchors.scalar_type()), float32_log);
+  at::Tensor labels = at::empty({n}, anchors.options().dtype(at::kFloat));
+  at::Tensor matched_gt = at::empty({n, 4}, gt_boxes.options());
+  at::Tensor targets = at::empty({n, 4}, anchors.options().dtype(target_type));
+  if (n == 0) return {labels, matched_gt, targets};
+  const at::Tensor gt = gt_boxes.contiguous(), anchor = anchors.contiguous();
+  const auto fill = [&]<typename G, typename A, typename L>() {
+    const EncodeWeights<G> w{{to<G>(weights[0]), to<G>(weights[1]), to<G>(weights[2]), to<G>(weights[3])}};
+    G* matched = matched_gt.data_ptr<G>();
+    L* encoded = targets.data_ptr<L>();
+    const TargetWriter<G, A, L> writer{gt.numel() > 0 ? gt.data_ptr<G>() : nullptr, anchor.data_ptr<A>(), w,
+                                       labels.data_ptr<float>(), matched, encoded,
+                                       aligned_for_vec4(matched) && aligned_for_vec4(encoded)};
+    match_batch<G, A>(gt, anchor, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                      allow_low_quality_matches, writer);
+  };
+  visit_matching_types(gt, anchor, [&]<typename G, typename A>() {
+    using M = promoted_t<G, A>;
+    if (target_type == c10::CppTypeToScalarType<M>::value) {
+      fill.template operator()<G, A, M>();
+    } else if constexpr (!std::is_same_v<M, float> && !std::is_same_v<M, double>) {
+      fill.template operator()<G, A, float>();
+    }
+  });
+  return {labels, matched_gt, targets};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+  m.impl("match_anchors", TORCH_FN(match_anchors));
+  m.impl("assign_targets", TORCH_FN(assign_targets));
+}
+
+}  // namespace rpn_ops::cuda
