@@ -24,7 +24,7 @@ REFERENCE_NMS_MAX_BOXES = 5_000  # the reference NMS is a Python loop per kept b
 @dataclass(frozen=True)
 class Workload:
     name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
-    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets"
+    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets", "generate_proposals"
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -207,6 +207,42 @@ def assign_workload(num_images: int, num_gt: int, quick=False) -> Workload:
         series=f"batch {num_images}")
 
 
+def _proposal_inputs(num_images: int, device):
+    """The RPN head's outputs for every anchor of ``num_images`` 800 x 1216 images, in the layout
+    concat_box_prediction_layers gives them, with torchvision's per-image anchors."""
+    images, features = workloads.fpn_batch(num_images, device=device)
+    anchors = TorchvisionAnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS)(images, features)
+    levels = [f.shape[-2] * f.shape[-1] * len(r) for f, r in zip(features, workloads.FPN_ASPECT_RATIOS)]
+    objectness = torch.randn(num_images * sum(levels), 1, generator=torch.Generator().manual_seed(0)).to(device)
+    deltas = workloads.box_deltas(num_images * sum(levels), scale=0.5, device=device)
+    return objectness, deltas, anchors, images.image_sizes, levels
+
+
+def proposals_workload(num_images: int, top_n: int, quick=False) -> Workload:
+    """torchvision: the RPN's decode of every anchor, then filter_proposals (pre = post NMS top-n = top_n)."""
+    setting = "test" if top_n == 1000 else "training"
+    rpn = _torchvision_rpn().eval()
+    rpn._pre_nms_top_n = rpn._post_nms_top_n = dict(training=top_n, testing=top_n)
+
+    def theirs(objectness, deltas, anchors, image_sizes, levels):
+        proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+        return _flat(rpn.filter_proposals(proposals, objectness, image_sizes, levels))
+
+    def ours(objectness, deltas, anchors, image_sizes, levels):
+        return _flat(rpn_ops.generate_proposals(objectness, deltas, anchors, image_sizes, levels, top_n, top_n))
+
+    def plain(objectness, deltas, anchors, image_sizes, levels):
+        return _flat(reference.generate_proposals(objectness, deltas, anchors, image_sizes, levels, top_n, top_n))
+
+    height, width = workloads.IMAGE_SIZE
+    return Workload(
+        f"proposals-{height}x{width}-b{num_images}-{setting}", "generate_proposals",
+        f"FPN, {height}x{width}, batch {num_images}, {setting} (pre/post NMS top-n {top_n})",
+        dict(images=num_images, top_n=top_n), partial(_proposal_inputs, num_images), ours, theirs,
+        plain if num_images <= 2 else None, quick=quick, size=num_images, size_unit="images (800 x 1216, FPN)",
+        series=f"{setting} settings")
+
+
 WORKLOADS: List[Workload] = [
     *(nms_workload(n, quick=n <= 5_000) for n in (1_000, 5_000, 20_000, 100_000)),
     *(nms_workload(n, max_output=1000) for n in (20_000, 100_000)),
@@ -221,6 +257,8 @@ WORKLOADS: List[Workload] = [
     encode_workload(2),
     encode_workload(8),
     *(assign_workload(images, gt, quick=images == 2 and gt == 50) for images in (2, 8) for gt in (10, 50, 500)),
+    *(proposals_workload(images, top_n, quick=images == 2 and top_n == 1000) for images in (2, 8)
+      for top_n in (1000, 2000)),
 ]
 
 
@@ -233,11 +271,15 @@ def select(ops: Optional[str] = None, quick: bool = False) -> List[Workload]:
 
 def parity(workload: Workload, ours, theirs, inputs) -> str:
     """'equal' (torch.equal; NaN equal to NaN; lists element by element), 'equal up to ties' (NMS: same kept
-    set, order differs only between equal scores), or 'MISMATCH'."""
+    set, order differs only between equal scores; proposals: the same, per image), or 'MISMATCH'."""
     if isinstance(ours, (list, tuple)):
-        same = isinstance(theirs, (list, tuple)) and len(ours) == len(theirs) and all(
-            _equal(a, b) for a, b in zip(ours, theirs))
-        return "equal" if same else "MISMATCH"
+        if not (isinstance(theirs, (list, tuple)) and len(ours) == len(theirs)):
+            return "MISMATCH"
+        if all(_equal(a, b) for a, b in zip(ours, theirs)):
+            return "equal"
+        if workload.op == "generate_proposals" and _same_proposals_up_to_ties(ours, theirs):
+            return "equal up to ties"
+        return "MISMATCH"
     if _equal(ours, theirs):
         return "equal"
     if workload.scores_arg is not None and ours.shape == theirs.shape:
@@ -245,6 +287,20 @@ def parity(workload: Workload, ours, theirs, inputs) -> str:
         if torch.equal(ours.sort().values, theirs.sort().values) and torch.equal(scores[ours], scores[theirs]):
             return "equal up to ties"
     return "MISMATCH"
+
+
+def _same_proposals_up_to_ties(ours, theirs) -> bool:
+    """Per image (boxes..., scores...): the same score sequence, and among equal scores the same boxes in any
+    order (torchvision's final sort is not stable; sigmoid saturates to equal float32 scores)."""
+    images = len(ours) // 2
+    for boxes_a, boxes_b, scores_a, scores_b in zip(ours[:images], theirs[:images], ours[images:], theirs[images:]):
+        if not (_equal(scores_a, scores_b) and boxes_a.shape == boxes_b.shape and boxes_a.dtype == boxes_b.dtype):
+            return False
+        rows_a = sorted(map(tuple, torch.cat([scores_a[:, None].to(boxes_a), boxes_a], 1).tolist()))
+        rows_b = sorted(map(tuple, torch.cat([scores_b[:, None].to(boxes_b), boxes_b], 1).tolist()))
+        if rows_a != rows_b:
+            return False
+    return True
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -117,3 +117,34 @@ def _assign_targets_fake(gt_boxes, anchors, gt_per_image, anchors_per_image, hig
     target_dtype = _coding_dtype(torch.promote_types(gt_boxes.dtype, anchors.dtype), float32_log)
     return (anchors.new_empty((count,), dtype=torch.float32), gt_boxes.new_empty((count, 4)),
             anchors.new_empty((count, 4), dtype=target_dtype))
+
+
+def _proposal_dtypes(objectness, pred_bbox_deltas, image_sizes, float32_exp):
+    torch._check(len(image_sizes) % 2 == 0, lambda: "image_sizes must hold (height, width) per image")
+    return _coding_dtype(pred_bbox_deltas.dtype, float32_exp), objectness.dtype
+
+
+@torch.library.register_fake("rpn_ops::generate_proposals")
+def _generate_proposals_fake(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level,
+                             pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size, cell_anchors=None,
+                             cells_per_level=(), grid_sizes=(), strides=(), float32_exp=False):
+    box_dtype, score_dtype = _proposal_dtypes(objectness, pred_bbox_deltas, image_sizes, float32_exp)
+    ctx = torch.library.get_ctx()
+    boxes, scores = [], []
+    for _ in range(len(image_sizes) // 2):
+        kept = ctx.new_dynamic_size(max=post_nms_top_n) if post_nms_top_n > 0 else 0
+        boxes.append(pred_bbox_deltas.new_empty((kept, 4), dtype=box_dtype))
+        scores.append(objectness.new_empty((kept,), dtype=score_dtype))
+    return boxes, scores
+
+
+@torch.library.register_fake("rpn_ops::generate_proposals_padded")
+def _generate_proposals_padded_fake(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level,
+                                    pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size,
+                                    cell_anchors=None, cells_per_level=(), grid_sizes=(), strides=(),
+                                    float32_exp=False):
+    box_dtype, score_dtype = _proposal_dtypes(objectness, pred_bbox_deltas, image_sizes, float32_exp)
+    images = len(image_sizes) // 2
+    return (pred_bbox_deltas.new_empty((images, post_nms_top_n, 4), dtype=box_dtype),
+            objectness.new_empty((images, post_nms_top_n), dtype=score_dtype),
+            objectness.new_empty((images,), dtype=torch.int64))

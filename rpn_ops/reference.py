@@ -152,3 +152,35 @@ def assign_targets(anchors: List[Tensor], gt_boxes: List[Tensor], fg_iou_thresh:
         matched.append(gt[matches.clamp(min=0)])
     targets = encode_boxes(torch.cat(matched), torch.cat(list(anchors)), weights)
     return labels, matched, list(targets.split([len(a) for a in anchors]))
+
+
+def generate_proposals(objectness: Tensor, pred_bbox_deltas: Tensor, anchors: List[Tensor], image_sizes,
+                       num_anchors_per_level: List[int], pre_nms_top_n: int, post_nms_top_n: int,
+                       nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3):
+    """torchvision's RPN proposals (decode, then filter_proposals) step by step, with ties made deterministic:
+    top-k by a stable descending sort (equal logits: lower index first, NaN first), NMS in float32 (float64 for
+    float64 boxes) by descending score, stable over (level, rank). anchors: one [A, 4] tensor per image."""
+    num_images = len(image_sizes)
+    logits = objectness.detach().reshape(num_images, -1)
+    deltas = pred_bbox_deltas.detach().reshape(num_images, -1, 4)
+    top, levels, offset = [], [], 0
+    for level, count in enumerate(num_anchors_per_level):
+        order = torch.sort(logits[:, offset:offset + count], dim=1, descending=True, stable=True).indices
+        top.append(order[:, :min(pre_nms_top_n, count)] + offset)
+        levels += [level] * top[-1].shape[1]
+        offset += count
+    top_index = torch.cat(top, dim=1)
+    scores = torch.sigmoid(torch.gather(logits, 1, top_index))  # the [B, K] layout torchvision has
+    level_of = torch.tensor(levels, dtype=torch.int64, device=logits.device)
+    final_boxes, final_scores = [], []
+    for b, (height, width) in enumerate(image_sizes):
+        boxes = decode_boxes(deltas[b, top_index[b]], anchors[b][top_index[b]], (1.0, 1.0, 1.0, 1.0))
+        boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        keep = (widths >= min_size) & (heights >= min_size) & (scores[b] >= score_thresh)
+        kept_boxes, kept_scores, kept_levels = boxes[keep], scores[b][keep], level_of[keep]
+        order = batched_nms(kept_boxes, kept_scores, kept_levels, nms_thresh)[:post_nms_top_n]
+        final_boxes.append(kept_boxes[order])
+        final_scores.append(kept_scores[order])
+    return final_boxes, final_scores

@@ -201,6 +201,16 @@ struct SpatialLayout {
   }
 };
 
+// The greedy loop over a layout, visiting the boxes in the order box_of_rank (n entries).
+template <typename T>
+int64_t greedy_walk(const SpatialLayout<T>& layout, const int64_t* box_of_rank, int64_t n, double iou_threshold,
+                    int64_t max_output, int64_t* keep) {
+  const ScoreOrder order{box_of_rank, layout.slot_of_box.data(), n};
+  std::vector<uint32_t> suppressed(layout.groups * kGroupBlocks, 0);
+  return kernels_for<T>(current_isa()).greedy_nms(layout.view(), order, threshold_for<T>(iou_threshold),
+                                                  iou_threshold >= 0.0, max_output, suppressed.data(), keep);
+}
+
 // Greedy NMS of contiguous [n, 4] boxes and [n] scores of type T; categories: one dense id per box, or
 // empty for plain NMS. The score sort and the spatial layout are independent and run on two threads.
 template <typename T>
@@ -221,12 +231,8 @@ at::Tensor greedy_nms(const at::Tensor& boxes, const at::Tensor& scores, const s
       }
     }
   });
-  const ScoreOrder score{order.data(), layout.slot_of_box.data(), n};
-  std::vector<uint32_t> suppressed(layout.groups * kGroupBlocks, 0);
   at::Tensor keep = at::empty({std::min(n, max_output)}, boxes.options().dtype(at::kLong));
-  const int64_t kept = kernels_for<T>(current_isa()).greedy_nms(
-      layout.view(), score, threshold_for<T>(iou_threshold), prune, max_output, suppressed.data(),
-      keep.data_ptr<int64_t>());
+  const int64_t kept = greedy_walk(layout, order.data(), n, iou_threshold, max_output, keep.data_ptr<int64_t>());
   return keep.narrow(0, 0, kept);
 }
 
@@ -242,6 +248,16 @@ at::Tensor run_nms(const at::Tensor& boxes, const at::Tensor& scores, const std:
 }
 
 }  // namespace
+
+template <typename T>
+int64_t nms_in_order(const T* boxes, int64_t n, const int64_t* box_of_rank, double iou_threshold,
+                     int64_t max_output, int64_t* keep) {
+  if (n == 0 || max_output == 0) return 0;
+  const SpatialLayout<T> layout(boxes, n, {}, /*prune=*/iou_threshold >= 0.0);
+  return greedy_walk(layout, box_of_rank, n, iou_threshold, max_output, keep);
+}
+template int64_t nms_in_order<float>(const float*, int64_t, const int64_t*, double, int64_t, int64_t*);
+template int64_t nms_in_order<double>(const double*, int64_t, const int64_t*, double, int64_t, int64_t*);
 
 at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
                std::optional<int64_t> max_output) {

@@ -1,0 +1,382 @@
+// CUDA proposal generation, the CPU kernel's steps on the GPU with no host synchronisation until the
+// per-image outputs are split (none at all for generate_proposals_padded, which CUDA graphs can capture):
+//  1. per level, the top pre_nms_top_n anchors of every image by one at::topk over keys that pack the logit's
+//     descending_key with the anchor index, so equal logits rank the lower index first (float64 logits: a
+//     stable sort);
+//  2. sigmoid and decode of the selected anchors only (PyTorch's sigmoid, the decode_boxes kernel);
+//  3. clip and filter (a kernel over the selected boxes), then NMS of every (image, level) segment at once:
+//     overlap masks of 64-box blocks, one block per segment walking its mask in score order and stopping at
+//     post_nms_top_n kept;
+//  4. a merge kernel: each kept box finds its output position by binary searches in the other levels.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../box_coding.h"
+#include "../box_math.h"
+#include "../checks.h"
+#include "../dispatch.h"
+#include "../proposals_checks.h"
+#include "launch.cuh"
+
+namespace rpn_ops::cuda {
+namespace {
+
+constexpr int kBlockBits = 64;
+constexpr int kMaxLevels = 16;
+constexpr int kImagesPerLaunch = 256;  // image sizes travel as kernel arguments
+constexpr int64_t kIndexBits = 31;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The levels' layout as a kernel argument (no host-to-device copy, so graph capture works).
+struct Levels {
+  int count;
+  int64_t selected_per_image;  // K
+  int64_t first_selected[kMaxLevels], selected[kMaxLevels];
+  int64_t mask_offset[kMaxLevels], col_blocks[kMaxLevels];
+  int64_t mask_per_image;
+};
+
+struct ImageSizes {
+  int64_t first_image, images;
+  int32_t height[kImagesPerLaunch], width[kImagesPerLaunch];
+};
+
+// (descending_key << 31) | index: ascending order is descending logit, then ascending index.
+template <typename L>
+__global__ void rank_keys_kernel(const L* __restrict__ logits, int64_t images, int64_t total, int64_t first,
+                                 int64_t count, int64_t* __restrict__ keys) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= images * count) return;
+  const int64_t b = i / count, j = i - b * count;
+  const uint32_t key = descending_key(static_cast<float>(logits[b * total + first + j]));
+  keys[i] = static_cast<int64_t>(key) << kIndexBits | j;
+}
+
+// Tensor.clamp(min=0, max=hi): NaN stays NaN.
+template <typename S>
+__device__ S clamp_to(S v, S hi) {
+  v = v < S(0) ? S(0) : v;
+  return v > hi ? hi : v;
+}
+
+// Clips each selected box to its image and flags the boxes that pass the size and score filters.
+template <typename S, typename O>
+__global__ void clip_filter_kernel(S* __restrict__ boxes, const O* __restrict__ scores, int64_t per_image,
+                                   ImageSizes sizes, S min_size, O score_thresh, bool* __restrict__ valid) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= sizes.images * per_image) return;
+  const int64_t local = i / per_image;
+  const int64_t row = (sizes.first_image + local) * per_image + i % per_image;
+  const S x_max = to<S>(static_cast<double>(sizes.width[local]));
+  const S y_max = to<S>(static_cast<double>(sizes.height[local]));
+  S* box = boxes + 4 * row;
+  box[0] = clamp_to(box[0], x_max), box[1] = clamp_to(box[1], y_max);
+  box[2] = clamp_to(box[2], x_max), box[3] = clamp_to(box[3], y_max);
+  const S w = box[2] - box[0], h = box[3] - box[1];
+  using A = opmath_t<S>;
+  valid[row] = static_cast<A>(w) >= static_cast<A>(min_size) && static_cast<A>(h) >= static_cast<A>(min_size) &&
+               static_cast<opmath_t<O>>(scores[row]) >= static_cast<opmath_t<O>>(score_thresh);
+}
+
+// Block (col_block, row_block) of segment (image, level) = blockIdx.z: bit j of mask word (row, col_block) says
+// that box `row` suppresses box 64 * col_block + j, for col_block >= row_block. Boxes are in rank order.
+template <typename C>
+__global__ void segment_mask_kernel(const C* __restrict__ boxes, Levels levels, C threshold,
+                                    uint64_t* __restrict__ mask) {
+  const int64_t image = blockIdx.z / levels.count;
+  const int level = blockIdx.z % levels.count;
+  const int64_t count = levels.selected[level], col_blocks = levels.col_blocks[level];
+  const int64_t row_block = blockIdx.y, col_block = blockIdx.x;
+  if (col_block >= col_blocks || row_block >= col_blocks || col_block < row_block) return;
+  const C* segment = boxes + 4 * (image * levels.selected_per_image + levels.first_selected[level]);
+
+  __shared__ C col_x1[kBlockBits], col_y1[kBlockBits], col_x2[kBlockBits], col_y2[kBlockBits], col_area[kBlockBits];
+  const int columns = static_cast<int>(std::min<int64_t>(kBlockBits, count - col_block * kBlockBits));
+  const int lane = static_cast<int>(threadIdx.x);
+  if (lane < columns) {
+    const C* b = segment + 4 * (col_block * kBlockBits + lane);
+    col_x1[lane] = b[0], col_y1[lane] = b[1], col_x2[lane] = b[2], col_y2[lane] = b[3];
+    col_area[lane] = area_of(b[0], b[1], b[2], b[3]);
+  }
+  __syncthreads();
+  const int64_t row = row_block * kBlockBits + lane;
+  if (row >= count) return;
+  const C* a = segment + 4 * row;
+  const C area_a = area_of(a[0], a[1], a[2], a[3]);
+  uint64_t bits = 0;
+  for (int j = col_block == row_block ? lane + 1 : 0; j < columns; ++j) {
+    if (iou_of(a[0], a[1], a[2], a[3], area_a, col_x1[j], col_y1[j], col_x2[j], col_y2[j], col_area[j]) > threshold) {
+      bits |= uint64_t{1} << j;
+    }
+  }
+  mask[image * levels.mask_per_image + levels.mask_offset[level] + row * col_blocks + col_block] = bits;
+}
+
+// One block per segment walks its rows in rank order (the boxes failing a filter start removed) and records
+// the kept rows, at most `limit`. Every thread reads the same shared words, so all take the same branches.
+__global__ void segment_walk_kernel(const uint64_t* __restrict__ mask, const bool* __restrict__ valid, Levels levels,
+                                    int64_t limit, int64_t* __restrict__ kept, int64_t* __restrict__ kept_count) {
+  extern __shared__ uint64_t removed[];
+  const int64_t image = blockIdx.x / levels.count;
+  const int level = blockIdx.x % levels.count;
+  const int64_t count = levels.selected[level], col_blocks = levels.col_blocks[level];
+  const int64_t first = image * levels.selected_per_image + levels.first_selected[level];
+  for (int64_t w = threadIdx.x; w < col_blocks; w += blockDim.x) {
+    uint64_t word = 0;
+    for (int j = 0; j < kBlockBits && w * kBlockBits + j < count; ++j) {
+      if (!valid[first + w * kBlockBits + j]) word |= uint64_t{1} << j;
+    }
+    removed[w] = word;
+  }
+  __syncthreads();
+  const uint64_t* segment_mask = mask + image * levels.mask_per_image + levels.mask_offset[level];
+  int64_t kept_here = 0;
+  for (int64_t row = 0; row < count && kept_here < limit; ++row) {
+    if ((removed[row / kBlockBits] >> (row % kBlockBits)) & 1) continue;
+    if (threadIdx.x == 0) kept[blockIdx.x * limit + kept_here] = row;
+    ++kept_here;
+    for (int64_t w = row / kBlockBits + threadIdx.x; w < col_blocks; w += blockDim.x) {
+      removed[w] |= segment_mask[row * col_blocks + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) kept_count[blockIdx.x] = kept_here;
+}
+
+// Each kept box's output position: its place in its level plus, in every other level, the kept boxes ranked
+// before it (higher score, or equal score and lower level); kept scores fall along each level.
+template <typename S, typename O>
+__global__ void merge_kernel(const S* __restrict__ boxes, const O* __restrict__ scores, Levels levels,
+                             const int64_t* __restrict__ kept, const int64_t* __restrict__ kept_count, int64_t limit,
+                             int64_t post_nms_top_n, S* __restrict__ out_boxes, O* __restrict__ out_scores,
+                             int64_t* __restrict__ counts) {
+  using A = opmath_t<O>;
+  const int64_t image = blockIdx.x / levels.count;
+  const int level = blockIdx.x % levels.count;
+  const int64_t image_first = image * levels.selected_per_image;
+  auto score_of = [&](int l, int64_t e) {
+    return static_cast<A>(scores[image_first + levels.first_selected[l] + kept[(image * levels.count + l) * limit + e]]);
+  };
+  if (level == 0 && threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int l = 0; l < levels.count; ++l) total += kept_count[image * levels.count + l];
+    counts[image] = std::min(total, post_nms_top_n);
+  }
+  for (int64_t e = threadIdx.x; e < kept_count[blockIdx.x]; e += blockDim.x) {
+    const A score = score_of(level, e);
+    int64_t position = e;
+    for (int l = 0; l < levels.count; ++l) {
+      if (l == level) continue;
+      int64_t lo = 0, hi = kept_count[image * levels.count + l];  // first entry not ranked before this box
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        const A other = score_of(l, mid);
+        if (other > score || (other == score && l < level)) lo = mid + 1; else hi = mid;
+      }
+      position += lo;
+    }
+    if (position >= post_nms_top_n) continue;
+    const int64_t row = image_first + levels.first_selected[level] + kept[blockIdx.x * limit + e];
+    for (int c = 0; c < 4; ++c) out_boxes[(image * post_nms_top_n + position) * 4 + c] = boxes[4 * row + c];
+    out_scores[image * post_nms_top_n + position] = scores[row];
+  }
+}
+
+at::Tensor decode(const at::Tensor& codes, const at::Tensor& boxes, bool float32_exp) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, bool)>();
+  const double weights[4] = {1.0, 1.0, 1.0, 1.0};  // RegionProposalNetwork's BoxCoder
+  return op.call(codes, boxes, weights, std::log(1000.0 / 16), float32_exp);
+}
+
+// [B, K] indices within the image of each level's top anchors.
+at::Tensor select_anchors(const at::Tensor& logits, const ProposalLayout& layout) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t images = layout.images, total = layout.total_anchors;
+  at::Tensor top_index = at::empty({images, layout.total_selected}, logits.options().dtype(at::kLong));
+  for (int64_t l = 0; l < layout.levels(); ++l) {
+    const int64_t k = layout.selected[l], count = layout.anchors[l];
+    if (k == 0 || images == 0) continue;
+    at::Tensor order;
+    if (logits.scalar_type() == at::kDouble) {
+      order = std::get<1>(at::sort(logits.narrow(1, layout.first_anchor[l], count), /*stable=*/true, /*dim=*/1,
+                                   /*descending=*/true)).narrow(1, 0, k);
+    } else {
+      at::Tensor keys = at::empty({images, count}, logits.options().dtype(at::kLong));
+      visit_float_type(logits.scalar_type(), [&](auto tag) {
+        using L = typename decltype(tag)::type;
+        rank_keys_kernel<L><<<static_cast<unsigned>(ceil_div(images * count, kThreads)), kThreads, 0, stream>>>(
+            logits.data_ptr<L>(), images, total, layout.first_anchor[l], count, keys.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      order = std::get<0>(at::topk(keys, k, /*dim=*/1, /*largest=*/false, /*sorted=*/true))
+                  .bitwise_and((int64_t{1} << kIndexBits) - 1);
+    }
+    top_index.narrow(1, layout.first_selected[l], k).copy_(order.add(layout.first_anchor[l]));
+  }
+  return top_index;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
+    const at::Tensor& objectness, const at::Tensor& pred_bbox_deltas, at::TensorList anchors,
+    at::IntArrayRef image_sizes, at::IntArrayRef num_anchors_per_level, int64_t pre_nms_top_n,
+    int64_t post_nms_top_n, double nms_thresh, double score_thresh, double min_size,
+    const std::optional<at::Tensor>& cell_anchors, at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
+    at::IntArrayRef strides, bool float32_exp) {
+  const ProposalLayout layout =
+      check_proposal_inputs(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n,
+                            post_nms_top_n, nms_thresh, score_thresh, min_size, cell_anchors, cells_per_level,
+                            grid_sizes, strides);
+  TORCH_CHECK_VALUE(layout.levels() <= kMaxLevels, "generate_proposals on CUDA supports at most ", kMaxLevels,
+                    " levels, got ", layout.levels());
+  const c10::cuda::CUDAGuard guard(objectness.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t images = layout.images, total = layout.total_anchors, per_image = layout.total_selected;
+  const auto box_type = proposal_box_type(pred_bbox_deltas, float32_exp);
+  at::Tensor out_boxes = at::zeros({images, post_nms_top_n, 4}, pred_bbox_deltas.options().dtype(box_type));
+  at::Tensor out_scores = at::zeros({images, post_nms_top_n}, objectness.options());
+  at::Tensor counts = at::zeros({images}, objectness.options().dtype(at::kLong));
+  if (images == 0 || per_image == 0 || post_nms_top_n == 0) return {out_boxes, out_scores, counts};
+
+  const at::Tensor logits = objectness.reshape({images, total});
+  const at::Tensor top_index = select_anchors(logits, layout);
+  const at::Tensor scores = logits.gather(1, top_index).sigmoid().reshape({-1});  // torchvision's [B, K] sigmoid
+  const at::Tensor flat_index =
+      top_index.add(at::arange(images, top_index.options()).mul_(total).unsqueeze(1)).reshape({-1});
+  const at::Tensor codes = pred_bbox_deltas.reshape({images * total, 4}).index_select(0, flat_index);
+  at::Tensor selected_anchors;
+  if (cell_anchors.has_value()) {
+    selected_anchors = at::empty({images * per_image, 4}, cell_anchors->options());
+    const at::Tensor cells = cell_anchors->contiguous();
+    // Computed on the host-side layout: one small kernel per level, anchors from their index (anchor_at).
+    for (int64_t l = 0; l < layout.levels(); ++l) {
+      if (layout.selected[l] == 0) continue;
+      const AnchorLevel level = layout.anchor_grid[l];
+      const at::Tensor level_index = top_index.narrow(1, layout.first_selected[l], layout.selected[l]);
+      at::Tensor in_level = level_index.sub(level.first_anchor);
+      const int64_t position_count = level.cells;
+      const at::Tensor position = in_level.div(position_count, "floor");
+      const at::Tensor cell = in_level.sub(position.mul(position_count)).add(level.first_cell);
+      const at::Tensor shift_x = position.remainder(level.grid_width).mul(level.stride_x);
+      const at::Tensor shift_y = position.div(level.grid_width, "floor").mul(level.stride_y);
+      const at::Tensor shifts = at::stack({shift_x, shift_y, shift_x, shift_y}, -1).to(cells.scalar_type());
+      const at::Tensor level_anchors = shifts.add(cells.index_select(0, cell.reshape({-1})).view(shifts.sizes()));
+      selected_anchors.view({images, per_image, 4}).narrow(1, layout.first_selected[l], layout.selected[l])
+          .copy_(level_anchors);
+    }
+  } else if (anchors.size() == 1) {
+    selected_anchors = anchors[0].index_select(0, top_index.reshape({-1}));
+  } else {
+    selected_anchors = at::stack(anchors).reshape({images * total, 4}).index_select(0, flat_index);
+  }
+  at::Tensor boxes = decode(codes, selected_anchors.to(pred_bbox_deltas.scalar_type()), float32_exp);
+  at::Tensor valid = at::empty({images * per_image}, objectness.options().dtype(at::kBool));
+
+  Levels levels{};
+  levels.count = static_cast<int>(layout.levels());
+  levels.selected_per_image = per_image;
+  int64_t mask_words = 0, max_col_blocks = 0;
+  for (int l = 0; l < levels.count; ++l) {
+    levels.first_selected[l] = layout.first_selected[l];
+    levels.selected[l] = layout.selected[l];
+    levels.col_blocks[l] = ceil_div(layout.selected[l], kBlockBits);
+    levels.mask_offset[l] = mask_words;
+    mask_words += layout.selected[l] * levels.col_blocks[l];
+    max_col_blocks = std::max(max_col_blocks, levels.col_blocks[l]);
+  }
+  levels.mask_per_image = mask_words;
+  TORCH_CHECK_VALUE(static_cast<double>(mask_words) * images * 8 <= 4e9, "generate_proposals on CUDA needs ",
+                    mask_words * images * 8, " bytes of NMS masks (images x sum of pre_nms_top_n^2 / 8); lower "
+                    "pre_nms_top_n or split the batch");
+  at::Tensor mask = at::empty({images * mask_words}, objectness.options().dtype(at::kLong));
+  const int64_t limit = std::min(post_nms_top_n, per_image);
+  at::Tensor kept = at::empty({images * levels.count, limit}, objectness.options().dtype(at::kLong));
+  at::Tensor kept_count = at::empty({images * levels.count}, objectness.options().dtype(at::kLong));
+
+  visit_float_type(boxes.scalar_type(), [&](auto box_tag) {
+    visit_float_type(scores.scalar_type(), [&](auto score_tag) {
+      using S = typename decltype(box_tag)::type;
+      using O = typename decltype(score_tag)::type;
+      for (int64_t first = 0; first < images; first += kImagesPerLaunch) {
+        ImageSizes sizes{};
+        sizes.first_image = first;
+        sizes.images = std::min<int64_t>(kImagesPerLaunch, images - first);
+        for (int64_t b = 0; b < sizes.images; ++b) {
+          sizes.height[b] = static_cast<int32_t>(layout.heights[first + b]);
+          sizes.width[b] = static_cast<int32_t>(layout.widths[first + b]);
+        }
+        clip_filter_kernel<S, O><<<static_cast<unsigned>(ceil_div(sizes.images * per_image, kThreads)), kThreads, 0,
+                                   stream>>>(boxes.data_ptr<S>(), scores.data_ptr<O>(), per_image, sizes,
+                                             to<S>(min_size), to<O>(score_thresh), valid.data_ptr<bool>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+
+  const auto nms_type = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor nms_boxes = boxes.to(nms_type);
+  auto* mask_words_ptr = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+  const dim3 mask_grid(static_cast<unsigned>(max_col_blocks), static_cast<unsigned>(max_col_blocks),
+                       static_cast<unsigned>(images * levels.count));
+  if (nms_type == at::kDouble) {
+    segment_mask_kernel<double><<<mask_grid, kBlockBits, 0, stream>>>(nms_boxes.data_ptr<double>(), levels,
+                                                                       nms_thresh, mask_words_ptr);
+  } else {
+    segment_mask_kernel<float><<<mask_grid, kBlockBits, 0, stream>>>(nms_boxes.data_ptr<float>(), levels,
+                                                                      threshold_for<float>(nms_thresh), mask_words_ptr);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  segment_walk_kernel<<<static_cast<unsigned>(images * levels.count), kThreads, max_col_blocks * 8, stream>>>(
+      mask_words_ptr, valid.data_ptr<bool>(), levels, limit, kept.data_ptr<int64_t>(), kept_count.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  visit_float_type(boxes.scalar_type(), [&](auto box_tag) {
+    visit_float_type(scores.scalar_type(), [&](auto score_tag) {
+      using S = typename decltype(box_tag)::type;
+      using O = typename decltype(score_tag)::type;
+      merge_kernel<S, O><<<static_cast<unsigned>(images * levels.count), kThreads, 0, stream>>>(
+          boxes.data_ptr<S>(), scores.data_ptr<O>(), levels, kept.data_ptr<int64_t>(),
+          kept_count.data_ptr<int64_t>(), limit, post_nms_top_n, out_boxes.data_ptr<S>(), out_scores.data_ptr<O>(),
+          counts.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out_boxes, out_scores, counts};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> generate_proposals(
+    const at::Tensor& objectness, const at::Tensor& pred_bbox_deltas, at::TensorList anchors,
+    at::IntArrayRef image_sizes, at::IntArrayRef num_anchors_per_level, int64_t pre_nms_top_n,
+    int64_t post_nms_top_n, double nms_thresh, double score_thresh, double min_size,
+    const std::optional<at::Tensor>& cell_anchors, at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
+    at::IntArrayRef strides, bool float32_exp) {
+  auto [boxes, scores, counts] =
+      padded_proposals(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n,
+                       post_nms_top_n, nms_thresh, score_thresh, min_size, cell_anchors, cells_per_level, grid_sizes,
+                       strides, float32_exp);
+  const at::Tensor host_counts = counts.cpu();  // the one host synchronisation
+  std::vector<at::Tensor> image_boxes, image_scores;
+  for (int64_t b = 0; b < boxes.size(0); ++b) {
+    const int64_t count = host_counts.data_ptr<int64_t>()[b];
+    image_boxes.push_back(boxes[b].narrow(0, 0, count));
+    image_scores.push_back(scores[b].narrow(0, 0, count));
+  }
+  return {image_boxes, image_scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+  m.impl("generate_proposals", TORCH_FN(generate_proposals));
+  m.impl("generate_proposals_padded", TORCH_FN(padded_proposals));
+}
+
+}  // namespace rpn_ops::cuda
