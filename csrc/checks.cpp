@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -210,6 +211,15 @@ void check_assign_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, 
   check_matching_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
                         /*empty_gt_allowed=*/true);
   check_weights(weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_assign_outputs(const at::Tensor& gt_boxes,
+                                                                    const at::Tensor& anchors, bool float32_log) {
+  const int64_t n = anchors.size(0);
+  const auto target_type =
+      coding_output_type(at::promoteTypes(gt_boxes.scalar_type(), anchors.scalar_type()), float32_log);
+  return {at::empty({n}, anchors.options().dtype(at::kFloat)), at::empty({n, 4}, gt_boxes.options()),
+          at::empty({n, 4}, anchors.options().dtype(target_type))};
 }
 
 void fail_non_finite_boxes(const char* name) {

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <tuple>
 
 #include <vector>
 
@@ -48,6 +49,10 @@ void check_matching_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors
 void check_assign_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
                          at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
                          at::ArrayRef<double> weights);
+// assign_targets' outputs, uninitialised: labels float32 [A], matched ground truth [A, 4] of gt_boxes' dtype,
+// regression targets [A, 4] of encode's dtype (the ground truth as reference boxes).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_assign_outputs(const at::Tensor& gt_boxes,
+                                                                    const at::Tensor& anchors, bool float32_log);
 // What a kernel reports when a box has an infinite or NaN coordinate.
 void fail_non_finite_boxes(const char* name);
 

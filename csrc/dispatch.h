@@ -23,6 +23,17 @@ decltype(auto) visit_float_type(c10::ScalarType type, F&& f) {
   }
 }
 
+// Calls f.template operator()<A, B>() with the C++ types of two floating dtypes (target assignment's ground
+// truth and anchors).
+template <typename F>
+void visit_float_types(c10::ScalarType a, c10::ScalarType b, F&& f) {
+  visit_float_type(a, [&](auto a_tag) {
+    visit_float_type(b, [&](auto b_tag) {
+      f.template operator()<typename decltype(a_tag)::type, typename decltype(b_tag)::type>();
+    });
+  });
+}
+
 // The types of box coding, decided by the output tensor both backends allocate (coding_output_type):
 // decode reads codes of type T and writes S (T, or float32 where the exponential runs in float32);
 // encode reads reference boxes R and proposals P and writes L (promote(R, P), or float32 where the logarithm

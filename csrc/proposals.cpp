@@ -139,6 +139,14 @@ at::ScalarType proposal_box_type(const at::Tensor& pred_bbox_deltas, bool float3
   return coding_output_type(pred_bbox_deltas.scalar_type(), float32_exp);
 }
 
+at::Tensor decode_proposals(const at::Tensor& codes, const at::Tensor& boxes, bool float32_exp) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, bool)>();
+  const double weights[4] = {1.0, 1.0, 1.0, 1.0};  // RegionProposalNetwork's BoxCoder
+  return op.call(codes, boxes, weights, std::log(1000.0 / 16), float32_exp);
+}
+
 }  // namespace rpn_ops
 
 // Autocast: proposal generation decodes like decode_boxes, so under CUDA autocast its exponential runs in

@@ -38,4 +38,8 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
 // The dtype of the proposals: decode's output dtype for the deltas' dtype (coding_output_type).
 at::ScalarType proposal_box_type(const at::Tensor& pred_bbox_deltas, bool float32_exp);
 
+// The selected boxes decoded as the RPN's BoxCoder decodes them (weights 1, clip log(1000 / 16)), through the
+// decode_boxes operator of the codes' device.
+at::Tensor decode_proposals(const at::Tensor& codes, const at::Tensor& boxes, bool float32_exp);
+
 }  // namespace rpn_ops

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -279,17 +280,6 @@ void match_batch(const at::Tensor& gt_boxes, const at::Tensor& anchors, std::vec
   });
 }
 
-template <typename F>
-void visit_matching_types(const at::Tensor& gt_boxes, const at::Tensor& anchors, F&& f) {
-  visit_float_type(gt_boxes.scalar_type(), [&](auto gt_tag) {
-    using G = typename decltype(gt_tag)::type;
-    visit_float_type(anchors.scalar_type(), [&](auto anchor_tag) {
-      using A = typename decltype(anchor_tag)::type;
-      f.template operator()<G, A>();
-    });
-  });
-}
-
 at::Tensor match_anchors(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
                          at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
                          bool allow_low_quality_matches) {
@@ -299,7 +289,7 @@ at::Tensor match_anchors(const at::Tensor& gt_boxes, const at::Tensor& anchors, 
   if (out.numel() == 0) return out;
   const at::Tensor gt = gt_boxes.contiguous(), anchor = anchors.contiguous();
   int64_t* matched = out.data_ptr<int64_t>();
-  visit_matching_types(gt, anchor, [&]<typename G, typename A>() {
+  visit_float_types(gt.scalar_type(), anchor.scalar_type(), [&]<typename G, typename A>() {
     match_batch<G, A>(gt, anchor, spans_of(gt_per_image, anchors_per_image), high_threshold, low_threshold,
                       allow_low_quality_matches, [&](const Chunk& chunk, const ImageSpan&, const int64_t* decisions) {
                         std::copy(decisions, decisions + chunk.count, matched + chunk.first_anchor);
@@ -355,23 +345,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets(
     at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold, bool allow_low_quality_matches,
     at::ArrayRef<double> weights, bool float32_log) {
   check_assign_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold, weights);
-  const int64_t n = anchors.size(0);
-  const auto target_type =
-      coding_output_type(at::promoteTypes(gt_boxes.scalar_type(), anchors.scalar_type()), float32_log);
-  at::Tensor labels = at::empty({n}, anchors.options().dtype(at::kFloat));
-  at::Tensor matched_gt = at::empty({n, 4}, gt_boxes.options());
-  at::Tensor targets = at::empty({n, 4}, anchors.options().dtype(target_type));
-  if (n == 0) return {labels, matched_gt, targets};
+  at::Tensor labels, matched_gt, targets;
+  std::tie(labels, matched_gt, targets) = empty_assign_outputs(gt_boxes, anchors, float32_log);
+  if (labels.numel() == 0) return {labels, matched_gt, targets};
   const at::Tensor gt = gt_boxes.contiguous(), anchor = anchors.contiguous();
-  visit_matching_types(gt, anchor, [&]<typename G, typename A>() {
-    using M = promoted_t<G, A>;
-    if (target_type == c10::CppTypeToScalarType<M>::value) {
-      fill_targets<G, A, M>(gt, anchor, gt_per_image, anchors_per_image, high_threshold, low_threshold,
-                            allow_low_quality_matches, weights, labels, matched_gt, targets);
-    } else if constexpr (!std::is_same_v<M, float> && !std::is_same_v<M, double>) {
-      fill_targets<G, A, float>(gt, anchor, gt_per_image, anchors_per_image, high_threshold, low_threshold,
-                                allow_low_quality_matches, weights, labels, matched_gt, targets);
-    }
+  // The targets' type: encode's, with the ground truth as reference boxes.
+  visit_encode_types(gt.scalar_type(), anchor.scalar_type(), targets.scalar_type(), [&]<typename G, typename A, typename L>() {
+    fill_targets<G, A, L>(gt, anchor, gt_per_image, anchors_per_image, high_threshold, low_threshold,
+                          allow_low_quality_matches, weights, labels, matched_gt, targets);
   });
   return {labels, matched_gt, targets};
 }

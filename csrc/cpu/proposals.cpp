@@ -10,7 +10,6 @@
 //  4. per image, the levels' kept boxes merged by descending score, the first post_nms_top_n kept.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -145,14 +144,6 @@ at::Tensor anchors_from_grid(const at::Tensor& cell_anchors, const at::Tensor& i
   return out;
 }
 
-at::Tensor decode(const at::Tensor& codes, const at::Tensor& boxes, bool float32_exp) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, bool)>();
-  const double weights[4] = {1.0, 1.0, 1.0, 1.0};  // RegionProposalNetwork's BoxCoder
-  return op.call(codes, boxes, weights, std::log(1000.0 / 16), float32_exp);
-}
-
 // One image's proposals: the kept boxes of all levels in output order.
 struct ImageProposals {
   std::vector<std::vector<int64_t>> kept;  // per level: rows of the [B * K] selection, by descending score
@@ -267,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<ImageProposals>, ProposalLayout> 
   const at::Tensor selected_anchors =
       cell_anchors.has_value() ? anchors_from_grid(*cell_anchors, selected.index, layout) : selected.anchors;
   // torchvision decodes with boxes.to(rel_codes.dtype).
-  at::Tensor boxes = decode(selected.codes, selected_anchors.to(pred_bbox_deltas.scalar_type()), float32_exp);
+  at::Tensor boxes = decode_proposals(selected.codes, selected_anchors.to(pred_bbox_deltas.scalar_type()), float32_exp);
   std::vector<ImageProposals> kept;
   visit_float_type(boxes.scalar_type(), [&](auto box_tag) {
     visit_float_type(scores.scalar_type(), [&](auto score_tag) {

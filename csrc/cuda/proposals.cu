@@ -190,14 +190,6 @@ __global__ void merge_kernel(const S* __restrict__ boxes, const O* __restrict__ 
   }
 }
 
-at::Tensor decode(const at::Tensor& codes, const at::Tensor& boxes, bool float32_exp) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, bool)>();
-  const double weights[4] = {1.0, 1.0, 1.0, 1.0};  // RegionProposalNetwork's BoxCoder
-  return op.call(codes, boxes, weights, std::log(1000.0 / 16), float32_exp);
-}
-
 // [B, K] indices within the image of each level's top anchors.
 at::Tensor select_anchors(const at::Tensor& logits, const ProposalLayout& layout) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -278,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
   } else {
     selected_anchors = at::stack(anchors).reshape({images * total, 4}).index_select(0, flat_index);
   }
-  at::Tensor boxes = decode(codes, selected_anchors.to(pred_bbox_deltas.scalar_type()), float32_exp);
+  at::Tensor boxes = decode_proposals(codes, selected_anchors.to(pred_bbox_deltas.scalar_type()), float32_exp);
   at::Tensor valid = at::empty({images * per_image}, objectness.options().dtype(at::kBool));
 
   Levels levels{};
