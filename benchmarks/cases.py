@@ -3,12 +3,14 @@
 Inputs come from `rpn_ops.workloads` (the generators the tests use too): clustered RPN-like proposals,
 ground-truth-like boxes, random categories.
 """
+import copy
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch  # before rpn_ops: its extension links against torch's libraries
 import torchvision
+from torch import nn
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -24,7 +26,8 @@ REFERENCE_NMS_MAX_BOXES = 5_000  # the reference NMS is a Python loop per kept b
 @dataclass(frozen=True)
 class Workload:
     name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
-    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets", "generate_proposals"
+    op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets", "generate_proposals",
+    #  "rpn" (torchvision's RegionProposalNetwork, patched or not), "model" (a whole Faster R-CNN, patched or not)
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -37,6 +40,8 @@ class Workload:
     size: int = 0  # the problem size: the x axis of the plots
     size_unit: str = ""  # what `size` counts: "boxes", "box pairs", "images"
     series: str = ""  # workloads of one op with the same series form one line of its plot ("80 classes")
+    devices: Tuple[str, ...] = ("cpu", "cuda")  # the device types it runs on
+    min_runs: int = 1  # timed calls even when one call takes the whole budget (whole-model steps)
 
 
 def _count(n: int) -> str:
@@ -243,6 +248,127 @@ def proposals_workload(num_images: int, top_n: int, quick=False) -> Workload:
         series=f"{setting} settings")
 
 
+@lru_cache(maxsize=None)
+def _detection_models(device: torch.device):
+    """A randomly initialised fasterrcnn_resnet50_fpn (built once per device) and a copy with
+    rpn_ops.patch_torchvision applied: (torchvision's, ours), the same weights."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).to(device).eval()
+    return model, rpn_ops.patch_torchvision(copy.deepcopy(model))
+
+
+class _PrecomputedHead(nn.Module):
+    """Stands in for an RPN head: returns the outputs it was given, so that a timing covers what the RPN does
+    after its convolutions (anchors, decode, selection, NMS, targets, losses) and nothing else."""
+
+    outputs = None
+
+    def forward(self, features):
+        return self.outputs
+
+
+@lru_cache(maxsize=None)
+def _rpns(device: torch.device, with_head: bool, fused: bool = False):
+    """(torchvision's RPN, ours) of the benchmark model, with its head or with a _PrecomputedHead; ours in the
+    fused form (``torchvision_tie_order=False``) if ``fused``."""
+    torchvision_model, our_model = _detection_models(device)
+    pair = [torchvision_model.rpn, our_model.rpn]
+    if not with_head or fused:
+        pair = [copy.copy(rpn) for rpn in pair]
+        pair[1].torchvision_tie_order = not fused
+    if not with_head:
+        for rpn in pair:
+            rpn._modules = dict(rpn._modules, head=_PrecomputedHead())
+    return pair
+
+
+def _rpn_inputs(num_images: int, num_gt: int, device):
+    """``num_images`` 800 x 1216 images through the model's transform and backbone once: the RPN's inputs, and
+    the head's outputs for the runs that leave the head out; ``num_gt`` boxes per image as targets."""
+    model = _detection_models(torch.device(device))[0]
+    images, targets = _model_inputs(num_images, num_gt, device)
+    images, _ = model.transform(images)
+    with torch.no_grad():
+        features = model.backbone(images.tensors)
+        head_outputs = model.rpn.head(list(features.values()))
+    return images, features, targets, head_outputs
+
+
+def _run_rpn(which: int, training: bool, with_head: bool, fused: bool, images, features, targets, head_outputs
+             ) -> List[torch.Tensor]:
+    """Proposals per image (and in training the two losses, after the same random draws), as one flat list."""
+    rpn = _rpns(features["0"].device, with_head, fused)[which]
+    rpn.train(training)
+    if not with_head:
+        rpn.head.outputs = head_outputs
+    torch.manual_seed(0)  # the sampler's draws
+    with torch.no_grad():
+        boxes, losses = rpn(images, features, targets if training else None)
+    return list(boxes) + [losses[k] for k in sorted(losses)]
+
+
+def rpn_workload(num_images: int, training: bool, with_head: bool = True, fused: bool = False, num_gt: int = 20,
+                 devices=("cpu", "cuda")) -> Workload:
+    """The RPN of fasterrcnn_resnet50_fpn as patch_torchvision makes it (ours) and as torchvision ships it, on
+    800 x 1216 FPN features; training: with ``num_gt`` boxes per image, proposals and losses. Without the head:
+    its convolutions' outputs precomputed, the part of the RPN rpn_ops replaces. ``fused``: ours patched with
+    ``torchvision_tie_order=False``."""
+    mode = "train" if training else "eval"
+    height, width = workloads.IMAGE_SIZE
+    part = "RPN" if with_head else "RPN after its head convolutions"
+    return Workload(
+        f"rpn-{height}x{width}-b{num_images}-{mode}" + ("" if with_head else "-nohead") + ("-fused" if fused else ""),
+        "rpn", f"fasterrcnn_resnet50_fpn {part}, {height}x{width}, batch {num_images}, {mode}"
+        + (f" ({num_gt} GT per image)" if training else "") + (", fused form" if fused else ""),
+        dict(images=num_images, gt=num_gt if training else 0, fused=int(fused)),
+        partial(_rpn_inputs, num_images, num_gt if training else 0), partial(_run_rpn, 1, training, with_head, fused),
+        partial(_run_rpn, 0, training, with_head, fused), reference=None, size=num_images,
+        size_unit="images (800 x 1216, FPN)",
+        series=f"{mode}, {'with' if with_head else 'without'} head" + (", fused" if fused else ""), devices=devices)
+
+
+def _model_inputs(num_images: int, num_gt: int, device):
+    """``num_images`` random 800 x 1216 images and, if ``num_gt``, that many ground-truth boxes on each."""
+    g = torch.Generator().manual_seed(0)
+    height, width = workloads.IMAGE_SIZE
+    images = [torch.rand(3, height, width, generator=g).to(device) for _ in range(num_images)]
+    targets = [{"boxes": workloads.gt_boxes(num_gt, seed=i, device=device),
+                "labels": torch.randint(1, 91, (num_gt,), generator=g).to(device)} for i in range(num_images)]
+    return images, targets if num_gt else None
+
+
+def _run_model(which: int, training: bool, images, targets) -> List[torch.Tensor]:
+    """Eval: the detections (boxes, labels, scores per image) as one flat list. Training: one step's losses
+    after forward and backward (gradients cleared first), same random draws for both models."""
+    model = _detection_models(images[0].device)[which]
+    model.train(training)
+    if not training:
+        with torch.no_grad():
+            return [d[k] for d in model(images) for k in ("boxes", "labels", "scores")]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    return [losses[k].detach() for k in sorted(losses)]
+
+
+def model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")) -> Workload:
+    """A whole fasterrcnn_resnet50_fpn (randomly initialised), patched (ours) and as torchvision ships it, on
+    800 x 1216 images: eval inference, or a training step (forward with ``num_gt`` GT boxes per image and
+    backward)."""
+    mode = "train" if training else "eval"
+    height, width = workloads.IMAGE_SIZE
+    step = f"training step, forward + backward ({num_gt} GT per image)" if training else "inference"
+    return Workload(
+        f"model-{height}x{width}-b{num_images}-{mode}", "model",
+        f"fasterrcnn_resnet50_fpn {step}, {height}x{width}, batch {num_images}",
+        dict(images=num_images, gt=num_gt if training else 0),
+        partial(_model_inputs, num_images, num_gt if training else 0), partial(_run_model, 1, training),
+        partial(_run_model, 0, training), reference=None, size=num_images, size_unit="images (800 x 1216)",
+        series=mode, devices=devices, min_runs=3)
+
+
 WORKLOADS: List[Workload] = [
     *(nms_workload(n, quick=n <= 5_000) for n in (1_000, 5_000, 20_000, 100_000)),
     *(nms_workload(n, max_output=1000) for n in (20_000, 100_000)),
@@ -259,14 +385,23 @@ WORKLOADS: List[Workload] = [
     *(assign_workload(images, gt, quick=images == 2 and gt == 50) for images in (2, 8) for gt in (10, 50, 500)),
     *(proposals_workload(images, top_n, quick=images == 2 and top_n == 1000) for images in (2, 8)
       for top_n in (1000, 2000)),
+    *(rpn_workload(2, training, with_head) for with_head in (True, False) for training in (False, True)),
+    *(rpn_workload(2, training, with_head=False, fused=True) for training in (False, True)),
+    *(rpn_workload(8, training, with_head, devices=("cuda",)) for with_head in (True, False)
+      for training in (False, True)),
+    *(rpn_workload(8, training, with_head=False, fused=True, devices=("cuda",)) for training in (False, True)),
+    *(model_workload(2, training) for training in (False, True)),
+    *(model_workload(8, training, devices=("cuda",)) for training in (False, True)),
 ]
 
 
-def select(ops: Optional[str] = None, quick: bool = False) -> List[Workload]:
-    """The workloads whose name contains one of the comma-separated substrings in ``ops`` (all if None)."""
+def select(ops: Optional[str] = None, quick: bool = False, device: Optional[str] = None) -> List[Workload]:
+    """The workloads whose name contains one of the comma-separated substrings in ``ops`` (all if None), of
+    the --quick ladder if ``quick``, that run on ``device`` (a device type; any if None)."""
     wanted = [part.strip() for part in ops.split(",") if part.strip()] if ops else []
     return [w for w in WORKLOADS
-            if (not quick or w.quick) and (not wanted or any(part in w.name for part in wanted))]
+            if (not quick or w.quick) and (not wanted or any(part in w.name for part in wanted))
+            and (device is None or device in w.devices)]
 
 
 def parity(workload: Workload, ours, theirs, inputs) -> str:
@@ -279,6 +414,9 @@ def parity(workload: Workload, ours, theirs, inputs) -> str:
             return "equal"
         if workload.op == "generate_proposals" and _same_proposals_up_to_ties(ours, theirs):
             return "equal up to ties"
+        if workload.op == "rpn" and workload.params.get("fused") and all(
+                _equal(a, b) or _same_rows_in_any_order(a, b) for a, b in zip(ours, theirs)):
+            return "equal up to ties"  # the RPN returns no scores: proposals compared as sets of rows
         return "MISMATCH"
     if _equal(ours, theirs):
         return "equal"
@@ -301,6 +439,11 @@ def _same_proposals_up_to_ties(ours, theirs) -> bool:
         if rows_a != rows_b:
             return False
     return True
+
+
+def _same_rows_in_any_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dim() == 2 and a.dtype == b.dtype and a.shape == b.shape
+            and sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist())))
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -46,12 +46,13 @@ def time_call(fn, inputs, device: torch.device):
     return result, start.elapsed_time(end)
 
 
-def measure(fn, input_sets, device, repeat: int, budget_s: float):
+def measure(fn, input_sets, device, repeat: int, budget_s: float, min_runs: int = 1):
     """(result of the first call, samples in ms). Up to WARMUP_CALLS untimed calls, then timed calls until
     ``repeat`` samples or ``budget_s`` seconds of samples. Successive calls take the input sets in turn (equal
     values, separate memory), so a call does not find its inputs in cache just because the previous call read
-    them. A first call longer than the whole budget is the one sample: warm-up effects are negligible next to
-    it, and the full suite stays minutes long."""
+    them. A first call longer than the whole budget is the one sample (warm-up effects are negligible next to
+    it, and the full suite stays minutes long), unless ``min_runs`` > 1: then it is a warm-up and ``min_runs``
+    timed calls follow (whole-model steps, where one noisy sample could hide a small difference)."""
     budget_ms = budget_s * 1e3
     calls = 0
 
@@ -61,13 +62,13 @@ def measure(fn, input_sets, device, repeat: int, budget_s: float):
         return time_call(fn, input_sets[(calls - 1) % len(input_sets)], device)
 
     result, first_ms = timed()
-    if first_ms >= budget_ms:
+    if first_ms >= budget_ms and min_runs <= 1:
         return result, [first_ms]
     warmup_ms = first_ms
     while calls < WARMUP_CALLS and warmup_ms < budget_ms / 4:
         warmup_ms += timed()[1]
     samples = []
-    while len(samples) < max(1, repeat) and (not samples or sum(samples) < budget_ms):
+    while len(samples) < max(1, min_runs, repeat) and (len(samples) < min_runs or sum(samples) < budget_ms):
         samples.append(timed()[1])
     return result, samples
 
@@ -137,7 +138,7 @@ def run_workload(workload, device, repeat, budget_s, rotate=1, progress=None):
         if progress:
             progress.step(f"{workload.name}: {impl}")
         try:
-            outputs[impl], samples = measure(fn, input_sets, device, repeat, budget_s)
+            outputs[impl], samples = measure(fn, input_sets, device, repeat, budget_s, workload.min_runs)
             peak = peak_extra_mib(fn, inputs, device) if samples[0] < budget_s * 1e3 else None
         except Exception as error:  # an op missing on this device must not stop the suite
             timings[impl] = dict(error=f"{type(error).__name__}: {error}")
@@ -338,7 +339,7 @@ def main(argv=None):
         return 1 if regressions and args.strict else 0
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                           else "cpu")
-    workloads = select(args.ops, args.quick)
+    workloads = select(args.ops, args.quick, device.type)
     if args.list or not workloads:
         print("\n".join(f"{w.name}: {w.op}, {w.label}" for w in workloads) or "no workload matches --ops")
         return 0

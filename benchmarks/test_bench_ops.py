@@ -19,7 +19,7 @@ def _slow(workload, impl, device):
 
 def _cases():
     for device in DEVICES:
-        for workload in WORKLOADS:
+        for workload in (w for w in WORKLOADS if device in w.devices):
             for impl in ("ours", "torchvision"):
                 yield pytest.param(workload, impl, device, id=f"{workload.name}-{impl}-{device}",
                                    marks=[pytest.mark.slow] if _slow(workload, impl, device) else [])

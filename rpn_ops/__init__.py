@@ -6,9 +6,21 @@ from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anc
 from .ops import batched_nms, box_iou, decode_boxes, encode_boxes, grid_anchors, nms
 from .proposals import AnchorGrid, generate_proposals
 
+_TORCHVISION_PATCH = ("RegionProposalNetwork", "RoIHeads", "patch_torchvision", "patch_torchvision_ops",
+                      "unpatch_torchvision_ops")
+
+
+def __getattr__(name):  # the torchvision patch imports torchvision: loaded on first use, not with rpn_ops
+    if name in _TORCHVISION_PATCH:
+        from . import torchvision_patch
+        return getattr(torchvision_patch, name)
+    raise AttributeError(f"module 'rpn_ops' has no attribute {name!r}")
+
+
 __all__ = [
-    "AnchorGenerator", "AnchorGrid", "BalancedPositiveNegativeSampler", "BoxCoder", "assign_targets", "batched_nms", "box_iou",
-    "build_info", "cell_anchors", "decode_boxes", "encode_boxes", "generate_proposals", "grid_anchors", "match_anchors", "nms",
-    "set_cpu_isa",
+    "AnchorGenerator", "AnchorGrid", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RoIHeads",
+    "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "encode_boxes",
+    "generate_proposals", "grid_anchors", "match_anchors", "nms", "patch_torchvision", "patch_torchvision_ops",
+    "set_cpu_isa", "unpatch_torchvision_ops",
 ]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Proposal generation: torchvision's ``RegionProposalNetwork.filter_proposals`` on decoded anchors, in one
 operator call for the whole batch."""
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor

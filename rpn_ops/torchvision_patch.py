@@ -1,0 +1,364 @@
+"""torchvision detection models with rpn_ops inside: same parameters, same outputs and losses, less time.
+
+``patch_torchvision(model)`` swaps a Faster / Mask / Keypoint R-CNN's region proposal network for
+:class:`RegionProposalNetwork` (torchvision's class with rpn_ops' anchors, target assignment, sampler, decode and
+NMS) and its ROI heads for :class:`RoIHeads` (rpn_ops' box coder and NMS). ``patch_torchvision_ops()`` swaps
+``torchvision.ops.nms`` / ``batched_nms`` / ``box_iou`` process-wide instead (opt-in, reversible).
+"""
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.ops.boxes as tv_boxes
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as tv_det_utils
+from torchvision.models.detection import rpn as tv_rpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHeads
+
+from .anchors import AnchorGenerator
+from .box_coder import BoxCoder
+from .matching import BalancedPositiveNegativeSampler, assign_targets
+from .ops import batched_nms, box_iou, nms
+from .proposals import generate_proposals
+
+_UNIT_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+_DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
+_BOX_CODERS = (BoxCoder, tv_det_utils.BoxCoder)
+
+
+def _our_anchor_generator(generator: nn.Module) -> nn.Module:
+    """rpn_ops' AnchorGenerator for torchvision's (same sizes, ratios and cell anchors); any other kept."""
+    if type(generator) is not TorchvisionAnchorGenerator:
+        return generator
+    ours = AnchorGenerator(generator.sizes, generator.aspect_ratios)
+    ours.cell_anchors = list(generator.cell_anchors)  # the same tensors, in the dtype / device they were left in
+    ours.train(generator.training)
+    return ours
+
+
+def _our_box_coder(coder):
+    if type(coder) is tv_det_utils.BoxCoder:
+        return BoxCoder(coder.weights, coder.bbox_xform_clip)
+    return coder
+
+
+def _our_sampler(sampler):
+    if type(sampler) is tv_det_utils.BalancedPositiveNegativeSampler:
+        return BalancedPositiveNegativeSampler(sampler.batch_size_per_image, sampler.positive_fraction)
+    return sampler
+
+
+def _torchvision_version() -> Tuple[int, int]:
+    major, minor = torchvision.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# torchvision's batched_nms runs NMS per class above this many box coordinates (boxes.numel()), NMS on
+# class-offset boxes below it; its CUDA switch point moved from 20k to 100k in 0.22 (pytorch/vision#8925).
+_PER_CLASS_NMS_ABOVE = {"cpu": 4_000, "cuda": 100_000 if _torchvision_version() >= (0, 22) else 20_000}
+
+
+@torch.library.custom_op("rpn_ops::batched_nms_torchvision_order", mutates_args=())
+def _batched_nms_in_torchvision_order(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """``torchvision.ops.batched_nms``'s result to the order of equal scores, computed with rpn_ops' NMS.
+
+    torchvision's result depends on how it gets there: up to its switch point, one NMS on boxes offset per
+    class (the offset's rounding can flip a decision at the threshold); above it, per-class NMS and then an
+    unstable sort of the kept scores, whose order among equal scores only the same sort call reproduces. This
+    takes the same branch and makes the same calls around rpn_ops' NMS, which keeps exactly what torchvision's
+    CPU NMS keeps. An operator of its own, so that torch.compile sees one call instead of a branch on a
+    data-dependent size."""
+    if boxes.numel() > _PER_CLASS_NMS_ABOVE.get(boxes.device.type, 4_000) and not torchvision._is_tracing():
+        kept = batched_nms(boxes, scores, idxs, iou_threshold).sort().values  # ascending, as torchvision's mask
+        return kept[scores[kept].sort(descending=True)[1]]
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+@_batched_nms_in_torchvision_order.register_fake
+def _(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
+    """torchvision's ``RegionProposalNetwork`` (same constructor, parameters, ``state_dict`` keys, configuration,
+    proposals and losses) running on rpn_ops:
+
+    - a torchvision ``AnchorGenerator`` becomes :class:`rpn_ops.AnchorGenerator` (same sizes and aspect ratios),
+      the box coder :class:`rpn_ops.BoxCoder`, the sampler :class:`rpn_ops.BalancedPositiveNegativeSampler`;
+    - training targets: one :func:`rpn_ops.assign_targets` call for the batch gives labels and regression targets
+      (no ``[G, A]`` IoU matrix, no separate encode), bit-equal to ``assign_targets_to_anchors`` +
+      ``box_coder.encode``;
+    - proposals, with ``torchvision_tie_order = True`` (the default): torchvision's top-k selection per level,
+      then rpn_ops decodes only the selected anchors (torchvision decodes all of them) and runs rpn_ops' NMS inside
+      the calls torchvision's ``batched_nms`` makes around its own. The very proposals torchvision returns, in its
+      order, even among equal scores (sigmoid rounds nearby logits to one float32; zero padding and half-precision
+      heads give equal logits): the ROI heads sample proposals by position, so this is what keeps the training
+      losses bit-identical;
+    - proposals, with ``torchvision_tie_order = False``: one fused :func:`rpn_ops.generate_proposals` call for the
+      batch (rpn_ops' own top-k, decode, clip, filters and NMS with early exit), the fastest form. It returns the
+      same proposals wherever the objectness logits are distinct; where they tie exactly, its order (lower anchor
+      index first) replaces torch.topk's unspecified one, which can change which of the tied anchors are kept;
+    - box coder weights other than ``(1, 1, 1, 1)`` or a non-default clip (never the case in torchvision's models)
+      or an overridden ``filter_proposals``: torchvision's decode of every anchor and its ``filter_proposals``.
+
+    ``from_torchvision(rpn)`` converts an existing torchvision RPN, sharing its head.
+    """
+
+    torchvision_tie_order = True
+
+    def __init__(self, anchor_generator, head: nn.Module, fg_iou_thresh: float, bg_iou_thresh: float,
+                 batch_size_per_image: int, positive_fraction: float, pre_nms_top_n: Dict[str, int],
+                 post_nms_top_n: Dict[str, int], nms_thresh: float, score_thresh: float = 0.0) -> None:
+        super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
+                         positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
+        self.anchor_generator = _our_anchor_generator(self.anchor_generator)
+        self.box_coder = _our_box_coder(self.box_coder)
+        self.fg_bg_sampler = _our_sampler(self.fg_bg_sampler)
+        self.box_similarity = box_iou
+
+    @classmethod
+    def from_torchvision(cls, rpn: tv_rpn.RegionProposalNetwork) -> "RegionProposalNetwork":
+        """Ours, configured as ``rpn`` and sharing its head (so its parameters and ``state_dict`` keys): anchor
+        generator, box coder and sampler converted with their settings, thresholds, top-n, matcher, training mode
+        and any other attribute carried over. ``rpn`` itself is left unchanged. Given one of ours, returns it."""
+        if isinstance(rpn, cls):
+            return rpn
+        if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
+            raise TypeError(f"from_torchvision needs a torchvision RegionProposalNetwork, got {type(rpn).__name__}")
+        if type(rpn) is not tv_rpn.RegionProposalNetwork:
+            raise TypeError(f"cannot convert {type(rpn).__qualname__}, a subclass of torchvision's "
+                            "RegionProposalNetwork: its overrides would be lost; convert torchvision's own class")
+        ours = cls.__new__(cls)
+        nn.Module.__init__(ours)
+        for name, value in vars(rpn).items():
+            if name not in ("_parameters", "_buffers", "_modules"):  # hooks, settings, training mode
+                ours.__dict__[name] = value.copy() if isinstance(value, dict) else value
+        ours._parameters = dict(rpn._parameters)
+        ours._buffers = dict(rpn._buffers)
+        ours._modules = dict(rpn._modules)  # the same head module: same parameters, same state_dict keys
+        ours.anchor_generator = _our_anchor_generator(rpn.anchor_generator)
+        ours.box_coder = _our_box_coder(rpn.box_coder)
+        ours.fg_bg_sampler = _our_sampler(rpn.fg_bg_sampler)
+        if rpn.box_similarity is tv_boxes.box_iou or rpn.box_similarity is torchvision.ops.box_iou:
+            ours.box_similarity = box_iou
+        return ours
+
+    def _proposals_by_selection(self) -> bool:
+        """Whether decoding only the top-k selected anchors computes what decode + filter_proposals would."""
+        coder = self.box_coder
+        return (isinstance(coder, _BOX_CODERS) and tuple(float(w) for w in coder.weights) == _UNIT_WEIGHTS
+                and float(coder.bbox_xform_clip) == _DEFAULT_XFORM_CLIP
+                and type(self).filter_proposals is tv_rpn.RegionProposalNetwork.filter_proposals)
+
+    def _fused_targets(self) -> bool:
+        """Whether rpn_ops.assign_targets computes what assign_targets_to_anchors + box_coder.encode would."""
+        return (isinstance(self.box_coder, _BOX_CODERS)
+                and type(self).assign_targets_to_anchors is RegionProposalNetwork.assign_targets_to_anchors
+                and "assign_targets_to_anchors" not in self.__dict__)
+
+    def assign_targets_to_anchors(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
+                                  ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Labels and matched boxes per image, as torchvision's, from one :func:`rpn_ops.assign_targets` call."""
+        matcher = self.proposal_matcher
+        labels, matched_gt_boxes, _ = assign_targets(anchors, targets, matcher.high_threshold,
+                                                     matcher.low_threshold, matcher.allow_low_quality_matches)
+        return labels, matched_gt_boxes
+
+    def _proposals_in_torchvision_order(self, objectness: Tensor, pred_bbox_deltas: Tensor, anchors: List[Tensor],
+                                        image_shapes: List[Tuple[int, int]], num_anchors_per_level: List[int]
+                                        ) -> Tuple[List[Tensor], List[Tensor]]:
+        """``filter_proposals`` of the decoded anchors, step for step, but decoding only the anchors its top-k
+        selects and with rpn_ops' NMS: torchvision's proposals in torchvision's order (see the class docstring)."""
+        num_images, device = len(anchors), objectness.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # torch.topk's order of equal logits
+        level_ends = torch.tensor(num_anchors_per_level, device=device).cumsum(0)
+        levels = torch.searchsorted(level_ends, top_n_idx, right=True)
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        deltas = pred_bbox_deltas.detach().reshape(num_images, -1, 4)[batch_idx, top_n_idx]
+        selected_anchors = torch.stack([a[i] for a, i in zip(anchors, top_n_idx)])
+        proposals = self.box_coder.decode_single(deltas.reshape(-1, 4), selected_anchors.reshape(-1, 4))
+        final_boxes, final_scores = [], []
+        for boxes, image_scores, image_levels, image_shape in zip(
+                proposals.view(num_images, -1, 4), scores, levels, image_shapes):
+            boxes = tv_boxes.clip_boxes_to_image(boxes, image_shape)
+            keep = tv_boxes.remove_small_boxes(boxes, self.min_size)
+            keep = keep[image_scores[keep] >= self.score_thresh]
+            boxes, image_scores, image_levels = boxes[keep], image_scores[keep], image_levels[keep]
+            keep = _batched_nms_in_torchvision_order(boxes, image_scores, image_levels, self.nms_thresh)
+            keep = keep[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(image_scores[keep])
+        return final_boxes, final_scores
+
+    def forward(self, images: ImageList, features: Dict[str, Tensor],
+                targets: Optional[List[Dict[str, Tensor]]] = None) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+        """As torchvision's ``forward``: ``(proposals per image, losses)``, losses empty in eval mode."""
+        features_list = list(features.values())
+        objectness, pred_bbox_deltas = self.head(features_list)
+        anchors = self.anchor_generator(images, features_list)
+        num_images = len(anchors)
+        num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, pred_bbox_deltas = tv_rpn.concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # Faster R-CNN does not backpropagate through the proposals: the deltas are detached.
+        if not self._proposals_by_selection():
+            proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+            boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        elif self.torchvision_tie_order:
+            boxes, scores = self._proposals_in_torchvision_order(
+                objectness, pred_bbox_deltas, anchors, images.image_sizes, num_anchors_per_level)
+        else:
+            boxes, scores = generate_proposals(
+                objectness, pred_bbox_deltas.detach(), anchors, images.image_sizes, num_anchors_per_level,
+                self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh, self.score_thresh, self.min_size)
+
+        losses: Dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None")
+            if self._fused_targets():
+                matcher = self.proposal_matcher
+                labels, _, regression_targets = assign_targets(
+                    anchors, targets, matcher.high_threshold, matcher.low_threshold,
+                    matcher.allow_low_quality_matches, self.box_coder.weights)
+            else:
+                labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+                regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(
+                objectness, pred_bbox_deltas, labels, regression_targets)
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, losses
+
+
+class RoIHeads(TorchvisionRoIHeads):
+    """torchvision's ``RoIHeads`` whose detections come from rpn_ops' box coder and NMS. ``patch_torchvision``
+    switches a model's ``roi_heads`` to this class in place; parameters and ``state_dict`` keys are untouched.
+
+    With ``torchvision_tie_order = True`` (the default) rpn_ops' NMS runs inside the calls torchvision's
+    ``batched_nms`` makes around its own, so detections come in torchvision's order even among equal scores;
+    with ``False``, one :func:`rpn_ops.batched_nms` call with early exit at ``detections_per_img`` (true per-class
+    NMS, equal scores by lower index: the same detections, a deterministic order among equal scores)."""
+
+    torchvision_tie_order = True
+
+    def _class_nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        if self.torchvision_tie_order:
+            return _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: List[Tensor],
+                               image_shapes: List[Tuple[int, int]]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """torchvision's steps (decode, softmax, clip, one instance per non-background class, score and size
+        filters, per-class NMS, the best ``detections_per_img``) with rpn_ops' decode and NMS."""
+        num_classes = class_logits.shape[-1]
+        boxes_per_image = [len(p) for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        pred_scores = F.softmax(class_logits, -1)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
+                                              pred_scores.split(boxes_per_image, 0), image_shapes):
+            boxes = tv_boxes.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=class_logits.device).view(1, -1).expand_as(scores)
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = tv_boxes.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = self._class_nms(boxes, scores, labels)
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
+
+def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> nn.Module:
+    """Puts rpn_ops inside a torchvision detection model, in place, and returns the model.
+
+    ``model`` is a ``GeneralizedRCNN``-style model: Faster R-CNN (v1, v2, MobileNet, or ``FasterRCNN(backbone,
+    ...)``), Mask R-CNN, Keypoint R-CNN, or any module whose ``rpn`` is torchvision's ``RegionProposalNetwork``.
+    ``model.rpn`` becomes :class:`rpn_ops.RegionProposalNetwork` (sharing the head; a custom anchor generator
+    is kept as it is), and ``model.roi_heads``, when it is torchvision's ``RoIHeads``, becomes
+    :class:`rpn_ops.RoIHeads` (rpn_ops' box coder and NMS). Parameters, ``state_dict`` keys, configuration and
+    training mode are unchanged. Patching twice is harmless.
+
+    Args:
+        torchvision_tie_order: ``True`` (default): detections, proposals and training losses equal the
+            unpatched model's to the bit, the order of equal scores included. ``False``: the fastest form (one
+            fused proposal call per batch, NMS with early exit); the same results except where objectness logits
+            or detection scores tie exactly, where rpn_ops' deterministic order replaces torchvision's
+            unspecified one (see :class:`RegionProposalNetwork`).
+
+    Raises:
+        TypeError: ``model`` is not a module whose ``rpn`` is torchvision's ``RegionProposalNetwork``, or its
+            ``rpn`` / ``roi_heads`` is a subclass of torchvision's class, whose overrides would be lost.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_torchvision needs a torchvision detection model (an nn.Module), got "
+                        f"{type(model).__name__}")
+    rpn = getattr(model, "rpn", None)
+    if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
+        raise TypeError(f"patch_torchvision needs a model whose .rpn is torchvision's RegionProposalNetwork "
+                        f"(Faster / Mask / Keypoint R-CNN); {type(model).__name__}.rpn is "
+                        f"{type(rpn).__name__ if rpn is not None else 'missing'}")
+    if type(rpn) not in (tv_rpn.RegionProposalNetwork, RegionProposalNetwork):
+        raise TypeError(f"patch_torchvision supports torchvision's RegionProposalNetwork only; this model has "
+                        f"{type(rpn).__qualname__}, whose overrides would be lost")
+    roi_heads = getattr(model, "roi_heads", None)
+    if isinstance(roi_heads, TorchvisionRoIHeads) and type(roi_heads) not in (TorchvisionRoIHeads, RoIHeads):
+        raise TypeError(f"patch_torchvision supports torchvision's RoIHeads only; this model has "
+                        f"{type(roi_heads).__qualname__}, whose overrides would be lost")
+    model.rpn = RegionProposalNetwork.from_torchvision(rpn)
+    model.rpn.torchvision_tie_order = bool(torchvision_tie_order)
+    if isinstance(roi_heads, TorchvisionRoIHeads):
+        roi_heads.box_coder = _our_box_coder(roi_heads.box_coder)
+        roi_heads.__class__ = RoIHeads
+        roi_heads.torchvision_tie_order = bool(torchvision_tie_order)
+    return model
+
+
+class _TorchvisionOpsPatch:
+    """The handle ``patch_torchvision_ops`` returns: ``with rpn_ops.patch_torchvision_ops(): ...`` unpatches
+    on exit."""
+
+    def __enter__(self) -> "_TorchvisionOpsPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        unpatch_torchvision_ops()
+
+
+_PATCHED_NAMES = ("nms", "batched_nms", "box_iou")
+_MODULES = (torchvision.ops, tv_boxes)
+_originals: Dict[Tuple[str, str], object] = {}
+
+
+def patch_torchvision_ops() -> _TorchvisionOpsPatch:
+    """Process-wide, opt-in: ``torchvision.ops.nms``, ``batched_nms`` and ``box_iou`` (and the same names in
+    ``torchvision.ops.boxes``, which torchvision's detection code calls through) become rpn_ops'. Undo with
+    :func:`unpatch_torchvision_ops`, or use the returned handle as a context manager. Calling it twice is harmless.
+
+    rpn_ops' versions need floating-point boxes of one dtype and device (torchvision's ``box_iou`` also accepts
+    integer boxes) and order equal scores by index."""
+    ours = {"nms": nms, "batched_nms": batched_nms, "box_iou": box_iou}
+    for module in _MODULES:
+        for name in _PATCHED_NAMES:
+            _originals.setdefault((module.__name__, name), getattr(module, name))
+            setattr(module, name, ours[name])
+    return _TorchvisionOpsPatch()
+
+
+def unpatch_torchvision_ops() -> None:
+    """Restores what :func:`patch_torchvision_ops` replaced (nothing happens if it was not called)."""
+    for module in _MODULES:
+        for name in _PATCHED_NAMES:
+            original = _originals.pop((module.__name__, name), None)
+            if original is not None:
+                setattr(module, name, original)
