@@ -57,9 +57,12 @@ def _torchvision_version() -> Tuple[int, int]:
     return int(major), int(minor)
 
 
-# torchvision's batched_nms runs NMS per class above this many box coordinates (boxes.numel()), NMS on
-# class-offset boxes below it; its CUDA switch point moved from 20k to 100k in 0.22 (pytorch/vision#8925).
-_PER_CLASS_NMS_ABOVE = {"cpu": 4_000, "cuda": 100_000 if _torchvision_version() >= (0, 22) else 20_000}
+def _per_class_nms_above(device: torch.device) -> int:
+    """torchvision's batched_nms runs NMS per class above this many box coordinates (boxes.numel()), NMS on
+    class-offset boxes up to it; off the CPU the switch point moved from 20k to 100k in 0.22 (pytorch/vision#8925)."""
+    if device.type == "cpu":
+        return 4_000
+    return 100_000 if _torchvision_version() >= (0, 22) else 20_000
 
 
 @torch.library.custom_op("rpn_ops::batched_nms_torchvision_order", mutates_args=())
@@ -72,7 +75,7 @@ def _batched_nms_in_torchvision_order(boxes: Tensor, scores: Tensor, idxs: Tenso
     takes the same branch and makes the same calls around rpn_ops' NMS, which keeps exactly what torchvision's
     CPU NMS keeps. An operator of its own, so that torch.compile sees one call instead of a branch on a
     data-dependent size."""
-    if boxes.numel() > _PER_CLASS_NMS_ABOVE.get(boxes.device.type, 4_000) and not torchvision._is_tracing():
+    if boxes.numel() > _per_class_nms_above(boxes.device) and not torchvision._is_tracing():
         kept = batched_nms(boxes, scores, idxs, iou_threshold).sort().values  # ascending, as torchvision's mask
         return kept[scores[kept].sort(descending=True)[1]]
     if boxes.numel() == 0:
