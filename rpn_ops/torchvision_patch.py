@@ -52,17 +52,11 @@ def _our_sampler(sampler):
     return sampler
 
 
-def _torchvision_version() -> Tuple[int, int]:
-    major, minor = torchvision.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-def _per_class_nms_above(device: torch.device) -> int:
-    """torchvision's batched_nms runs NMS per class above this many box coordinates (boxes.numel()), NMS on
-    class-offset boxes up to it; off the CPU the switch point moved from 20k to 100k in 0.22 (pytorch/vision#8925)."""
-    if device.type == "cpu":
-        return 4_000
-    return 100_000 if _torchvision_version() >= (0, 22) else 20_000
+_TORCHVISION_VERSION = tuple(int(part) for part in torchvision.__version__.split(".")[:2])
+# torchvision's batched_nms runs NMS per class above this many box coordinates (boxes.numel()), NMS on
+# class-offset boxes up to it; off the CPU the switch point moved from 20k to 100k in 0.22 (pytorch/vision#8925).
+_PER_CLASS_NMS_ABOVE_ON_CPU = 4_000
+_PER_CLASS_NMS_ABOVE_OFF_CPU = 100_000 if _TORCHVISION_VERSION >= (0, 22) else 20_000
 
 
 @torch.library.custom_op("rpn_ops::batched_nms_torchvision_order", mutates_args=())
@@ -75,12 +69,13 @@ def _batched_nms_in_torchvision_order(boxes: Tensor, scores: Tensor, idxs: Tenso
     takes the same branch and makes the same calls around rpn_ops' NMS, which keeps exactly what torchvision's
     CPU NMS keeps. An operator of its own, so that torch.compile sees one call instead of a branch on a
     data-dependent size."""
-    if boxes.numel() > _per_class_nms_above(boxes.device) and not torchvision._is_tracing():
+    switch_point = _PER_CLASS_NMS_ABOVE_ON_CPU if boxes.device.type == "cpu" else _PER_CLASS_NMS_ABOVE_OFF_CPU
+    if boxes.numel() > switch_point and not torchvision._is_tracing():
         kept = batched_nms(boxes, scores, idxs, iou_threshold).sort().values  # ascending, as torchvision's mask
         return kept[scores[kept].sort(descending=True)[1]]
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    offsets = idxs.to(boxes) * (boxes.max() + 1)  # torchvision's offsets, without its host-to-device copy of 1
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
