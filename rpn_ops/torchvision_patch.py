@@ -296,11 +296,14 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
 
     Raises:
         TypeError: ``model`` is not a module whose ``rpn`` is torchvision's ``RegionProposalNetwork``, or its
-            ``rpn`` / ``roi_heads`` is a subclass of torchvision's class, whose overrides would be lost.
+            ``rpn`` / ``roi_heads`` is a subclass of torchvision's class, whose overrides would be lost, or
+            ``torchvision_tie_order`` is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_torchvision needs a torchvision detection model (an nn.Module), got "
                         f"{type(model).__name__}")
+    if not isinstance(torchvision_tie_order, bool):
+        raise TypeError(f"torchvision_tie_order must be True or False, got {torchvision_tie_order!r}")
     rpn = getattr(model, "rpn", None)
     if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
         raise TypeError(f"patch_torchvision needs a model whose .rpn is torchvision's RegionProposalNetwork "
@@ -314,11 +317,11 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
         raise TypeError(f"patch_torchvision supports torchvision's RoIHeads only; this model has "
                         f"{type(roi_heads).__qualname__}, whose overrides would be lost")
     model.rpn = RegionProposalNetwork.from_torchvision(rpn)
-    model.rpn.torchvision_tie_order = bool(torchvision_tie_order)
+    model.rpn.torchvision_tie_order = torchvision_tie_order
     if isinstance(roi_heads, TorchvisionRoIHeads):
         roi_heads.box_coder = _our_box_coder(roi_heads.box_coder)
         roi_heads.__class__ = RoIHeads
-        roi_heads.torchvision_tie_order = bool(torchvision_tie_order)
+        roi_heads.torchvision_tie_order = torchvision_tie_order
     return model
 
 

@@ -466,6 +466,8 @@ def test_refuses_what_it_cannot_patch_and_leaves_the_model_as_it_was():
         rpn_ops.patch_torchvision(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="RegionProposalNetwork"):
         rpn_ops.RegionProposalNetwork.from_torchvision(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="torchvision_tie_order must be True or False, got 'no'"):
+        rpn_ops.patch_torchvision(_model("mobilenet_320"), torchvision_tie_order="no")
 
     class MyRPN(TorchvisionRPN):
         pass
