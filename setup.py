@@ -74,9 +74,11 @@ if with_cuda:
     cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+# C++20 named: the kernels use concepts and std::type_identity, and older torch (2.11 for one) builds extensions
+# as C++17 unless a standard is given.
+cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-std=c++20"]
 if sys.platform == "win32":
-    cxx_flags = ["/O2", "/fp:precise"]
+    cxx_flags = ["/O2", "/fp:precise", "/std:c++20"]
 # at::parallel_for is inlined into our code: without OpenMP it runs on one thread. Compile with OpenMP when
 # torch uses it; the OpenMP calls then resolve to torch's own runtime, already loaded (torch_scatter does so).
 uses_openmp = "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin"
@@ -88,7 +90,7 @@ if with_cuda:
     macros += [("RPN_OPS_WITH_CUDA", None), ("RPN_OPS_CUDA_VERSION", f'"{torch.version.cuda}"'),
                ("RPN_OPS_CUDA_ARCHS", f'"{cuda_archs}"')]
     # --fmad=false: no a*b+c contraction, so the CUDA kernels give the CPU kernels' (and torchvision's) bits.
-    nvcc_flags = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20"]
     extension = CUDAExtension("rpn_ops._C", sources, define_macros=macros,
                               extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
 else:

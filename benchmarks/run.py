@@ -350,11 +350,15 @@ def main(argv=None):
     report["settings"]["rotate"] = args.rotate
     started = time.perf_counter()
     progress = Progress(sum(1 for w in workloads for impl in IMPLEMENTATIONS if getattr(w, impl) is not None))
-    for workload in workloads:
-        report["results"].append(run_workload(workload, device, args.repeat, args.budget, args.rotate, progress))
-        mismatch = "MISMATCH" in report["results"][-1]["parity"].values()
-        if mismatch or not progress.tty:
-            print(f"{'!! ' if mismatch else ''}{workload.name}: {_parity(report['results'][-1])}", flush=True)
+    try:
+        for workload in workloads:
+            report["results"].append(run_workload(workload, device, args.repeat, args.budget, args.rotate, progress))
+            mismatch = "MISMATCH" in report["results"][-1]["parity"].values()
+            if mismatch or not progress.tty:
+                print(f"{'!! ' if mismatch else ''}{workload.name}: {_parity(report['results'][-1])}", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit (.ci/gpu): keep the workloads measured so far
+        report["settings"]["interrupted"] = True
+        print(f"\ninterrupted: {len(report['results'])} of {len(workloads)} workloads measured", flush=True)
     progress.finish()
     report["settings"].update(wall_s=time.perf_counter() - started, load_average_after=load_average())
     args.out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +368,7 @@ def main(argv=None):
     print()
     print(summary_table(report["results"]))
     written = ["results.json", "results.md", *report["plots"]]
-    print(f"\n{len(workloads)} workloads in {report['settings']['wall_s']:.0f} s; wrote "
+    print(f"\n{len(report['results'])} workloads in {report['settings']['wall_s']:.0f} s; wrote "
           + ", ".join(f"{args.out}/{name}" for name in written))
     failed = any("MISMATCH" in r["parity"].values() or any(t and "error" in t for t in r["timings"].values())
                  for r in report["results"])
