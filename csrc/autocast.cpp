@@ -4,7 +4,7 @@
 // Box coding and target assignment: see below.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
+#include "library.h"
 
 namespace rpn_ops {
 namespace {
@@ -24,7 +24,7 @@ at::Tensor nms_autocast(const at::Tensor& boxes, const at::Tensor& scores, doubl
                         std::optional<int64_t> max_output) {
   NoAutocast<key> off;
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::nms", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("nms"), "")
                        .typed<decltype(nms_autocast<key, device>)>();
   return op.call(to_float<device>(boxes), to_float<device>(scores), iou_threshold, max_output);
 }
@@ -34,7 +34,7 @@ at::Tensor batched_nms_autocast(const at::Tensor& boxes, const at::Tensor& score
                                 double iou_threshold, std::optional<int64_t> max_output) {
   NoAutocast<key> off;
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::batched_nms", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("batched_nms"), "")
                        .typed<decltype(batched_nms_autocast<key, device>)>();
   return op.call(to_float<device>(boxes), to_float<device>(scores), idxs, iou_threshold, max_output);
 }
@@ -43,7 +43,7 @@ template <c10::DispatchKey key, c10::DeviceType device>
 at::Tensor box_iou_autocast(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   NoAutocast<key> off;
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::box_iou", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("box_iou"), "")
                        .typed<decltype(box_iou_autocast<key, device>)>();
   return op.call(to_float<device>(boxes1), to_float<device>(boxes2));
 }
@@ -55,7 +55,7 @@ at::Tensor decode_boxes_autocast_cuda(const at::Tensor& rel_codes, const at::Ten
                                       at::ArrayRef<double> weights, double bbox_xform_clip, bool /*float32_exp*/) {
   NoAutocast<c10::DispatchKey::AutocastCUDA> off;
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("decode_boxes"), "")
                        .typed<decltype(decode_boxes_autocast_cuda)>();
   return op.call(rel_codes, boxes, weights, bbox_xform_clip, /*float32_exp=*/true);
 }
@@ -64,7 +64,7 @@ at::Tensor encode_boxes_autocast_cuda(const at::Tensor& reference_boxes, const a
                                       at::ArrayRef<double> weights, bool /*float32_log*/) {
   NoAutocast<c10::DispatchKey::AutocastCUDA> off;
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::encode_boxes", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("encode_boxes"), "")
                        .typed<decltype(encode_boxes_autocast_cuda)>();
   return op.call(reference_boxes, proposals, weights, /*float32_log=*/true);
 }
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets_autocast_cuda(
     at::ArrayRef<double> weights, bool /*float32_log*/) {
   NoAutocast<c10::DispatchKey::AutocastCUDA> off;
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::assign_targets", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("assign_targets"), "")
                        .typed<decltype(assign_targets_autocast_cuda)>();
   return op.call(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
                  allow_low_quality_matches, weights, /*float32_log=*/true);
@@ -84,14 +84,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets_autocast_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rpn_ops, AutocastCPU, m) {
+TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCPU, m) {
   constexpr auto key = c10::DispatchKey::AutocastCPU;
   m.impl("nms", TORCH_FN((nms_autocast<key, c10::DeviceType::CPU>)));
   m.impl("batched_nms", TORCH_FN((batched_nms_autocast<key, c10::DeviceType::CPU>)));
   m.impl("box_iou", TORCH_FN((box_iou_autocast<key, c10::DeviceType::CPU>)));
 }
 
-TORCH_LIBRARY_IMPL(rpn_ops, AutocastCUDA, m) {
+TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCUDA, m) {
   constexpr auto key = c10::DispatchKey::AutocastCUDA;
   m.impl("nms", TORCH_FN((nms_autocast<key, c10::DeviceType::CUDA>)));
   m.impl("batched_nms", TORCH_FN((batched_nms_autocast<key, c10::DeviceType::CUDA>)));

@@ -1,8 +1,8 @@
 // Schemas of anchor generation and box coding. Kernels: cpu/box_coding.cpp, cuda/box_coding.cu; autocast:
 // autocast.cpp; fake: rpn_ops/_meta.py; shared arithmetic: box_coding.h.
-#include <torch/library.h>
+#include "library.h"
 
-TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
+TORCH_LIBRARY_FRAGMENT(RPN_OPS_NAMESPACE, m) {
   // All levels' anchors of num_images identical images: [num_images, sum(h * w * cells), 4] of the cell
   // table's dtype. Level l has cells_per_level[l] rows of cell_anchors, grid (grid_sizes[2l], grid_sizes[2l+1])
   // = (height, width) and strides (strides[2l], strides[2l+1]) = (y, x).

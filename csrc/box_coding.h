@@ -21,6 +21,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(RPN_OPS_EMULATED_CUDA)
+#include "emulator/device_math.h"
+#endif
+
 #if defined(__CUDACC__)
 #define RPN_HD __host__ __device__ __forceinline__
 #else
@@ -53,13 +57,23 @@ RPN_HD T scaled(double scalar, T x) {
 // exp / log of a value of type T computed as PyTorch's CUDA kernels do (in opmath, rounded to T).
 template <typename T>
 RPN_HD T exp_as(T x) {
+#if defined(RPN_OPS_EMULATED_CUDA)
+  using emulator::device_exp;
+  return static_cast<T>(device_exp(static_cast<opmath_t<T>>(x)));
+#else
   using std::exp;
   return static_cast<T>(exp(static_cast<opmath_t<T>>(x)));
+#endif
 }
 template <typename T>
 RPN_HD T log_as(T x) {
+#if defined(RPN_OPS_EMULATED_CUDA)
+  using emulator::device_log;
+  return static_cast<T>(device_log(static_cast<opmath_t<T>>(x)));
+#else
   using std::log;
   return static_cast<T>(log(static_cast<opmath_t<T>>(x)));
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------

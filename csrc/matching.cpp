@@ -1,8 +1,8 @@
 // Schemas of target assignment. Kernels: cpu/matching.cpp, cuda/matching.cu; autocast: autocast.cpp; fake:
 // rpn_ops/_meta.py; shared arithmetic: matching.h.
-#include <torch/library.h>
+#include "library.h"
 
-TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
+TORCH_LIBRARY_FRAGMENT(RPN_OPS_NAMESPACE, m) {
   // Matcher(high_threshold, low_threshold, allow_low_quality_matches)(box_iou(gt, anchors)) for each image of
   // a batch: gt_boxes [sum G_i, 4] and anchors [sum A_i, 4] hold the images one after the other. Returns int64
   // [sum A_i]: each anchor's ground-truth index within its image, -1 below low, -2 between the thresholds.

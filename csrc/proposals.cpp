@@ -2,7 +2,7 @@
 // Kernels: cpu/proposals.cpp, cuda/proposals.cu; fake: rpn_ops/_meta.py.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
+#include "library.h"
 
 #include <c10/util/Exception.h>
 
@@ -25,7 +25,7 @@
   "float min_size, Tensor? cell_anchors=None, int[] cells_per_level=[], int[] grid_sizes=[], "                 \
   "int[] strides=[], bool float32_exp=False"
 
-TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
+TORCH_LIBRARY_FRAGMENT(RPN_OPS_NAMESPACE, m) {
   m.def("generate_proposals(" RPN_PROPOSAL_ARGS ") -> (Tensor[] boxes, Tensor[] scores)");
   m.def("generate_proposals_padded(" RPN_PROPOSAL_ARGS ") -> (Tensor boxes, Tensor scores, Tensor counts)");
 }
@@ -141,7 +141,7 @@ at::ScalarType proposal_box_type(const at::Tensor& pred_bbox_deltas, bool float3
 
 at::Tensor decode_proposals(const at::Tensor& codes, const at::Tensor& boxes, bool float32_exp) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rpn_ops::decode_boxes", "")
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("decode_boxes"), "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double, bool)>();
   const double weights[4] = {1.0, 1.0, 1.0, 1.0};  // RegionProposalNetwork's BoxCoder
   return op.call(codes, boxes, weights, std::log(1000.0 / 16), float32_exp);
@@ -184,14 +184,14 @@ Result proposals_autocast_cuda(const char* name, const at::Tensor& objectness, c
   }
 using ProposalLists = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
 using PaddedProposals = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-RPN_PROPOSAL_AUTOCAST(generate_proposals_autocast_cuda, ProposalLists, "rpn_ops::generate_proposals")
-RPN_PROPOSAL_AUTOCAST(generate_proposals_padded_autocast_cuda, PaddedProposals, "rpn_ops::generate_proposals_padded")
+RPN_PROPOSAL_AUTOCAST(generate_proposals_autocast_cuda, ProposalLists, RPN_OPS_QUALIFIED("generate_proposals"))
+RPN_PROPOSAL_AUTOCAST(generate_proposals_padded_autocast_cuda, PaddedProposals, RPN_OPS_QUALIFIED("generate_proposals_padded"))
 #undef RPN_PROPOSAL_AUTOCAST
 
 }  // namespace
 }  // namespace rpn_ops
 
-TORCH_LIBRARY_IMPL(rpn_ops, AutocastCUDA, m) {
+TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCUDA, m) {
   m.impl("generate_proposals", TORCH_FN(rpn_ops::generate_proposals_autocast_cuda));
   m.impl("generate_proposals_padded", TORCH_FN(rpn_ops::generate_proposals_padded_autocast_cuda));
 }

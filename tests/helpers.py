@@ -12,6 +12,42 @@ from torch import Tensor
 from rpn_ops import workloads
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Tests the `device` fixture does not run on the emulated CUDA device (conftest.py):
+compiles = pytest.mark.not_emulated("torch.compile refuses to trace under the dispatch mode that routes the "
+                                    "operators to the emulator; the compiled graph calls the operators eager runs")
+too_large_to_emulate = pytest.mark.not_emulated("inputs too large for the emulator, whose small sizing constants "
+                                                "send small inputs down the same paths")
+
+
+
+def emulated() -> bool:
+    """Whether the test runs on the emulated CUDA device (the `device` fixture's "emulated")."""
+    import emulator
+
+    return emulator.active()
+
+
+def cpu_kernels():
+    """A context in which the rpn_ops operators run their CPU kernels, also on the emulated CUDA device: for a
+    test of the CUDA kernels to compute the CPU kernels' answer."""
+    import emulator
+
+    return emulator.suspended()
+
+
+def in_worker_threads(fn):
+    """`fn` for a thread pool: the emulated CUDA device belongs to the thread that entered it, so on it each
+    worker enters it too."""
+    if not emulated():
+        return fn
+    import emulator
+
+    def on_the_emulated_device(*args):
+        with emulator.EmulatedCuda():
+            return fn(*args)
+
+    return on_the_emulated_device
+
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 HALF_DTYPES = [torch.float16, torch.bfloat16]

@@ -6,7 +6,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 
 import rpn_ops
-from helpers import FLOAT_DTYPES, needs_cuda
+from helpers import FLOAT_DTYPES, cpu_kernels
 from rpn_ops import reference, workloads
 
 from rpn_ops.workloads import FPN_ASPECT_RATIOS as FPN_RATIOS
@@ -188,12 +188,12 @@ def test_bad_input_is_rejected_with_a_clear_message():
         rpn_ops.grid_anchors(cells, [(1 << 16, 1 << 16)], [(4, 4)])
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_cuda_matches_cpu(dtype):
+def test_cuda_kernel_matches_cpu(gpu, dtype):
     images, features = fpn_batch(797, 1201, num_images=4, dtype=dtype)
-    cpu = rpn_ops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, features)
-    images_cuda = ImageList(images.tensors.cuda(), images.image_sizes)
-    cuda = rpn_ops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images_cuda, [f.cuda() for f in features])
-    assert all(c.is_cuda for c in cuda)
-    assert_same_anchors([c.cpu() for c in cuda], cpu)
+    with cpu_kernels():
+        cpu = rpn_ops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, features)
+    images_gpu = ImageList(images.tensors.to(gpu), images.image_sizes)
+    got = rpn_ops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images_gpu, [f.to(gpu) for f in features])
+    assert all(g.device.type == torch.device(gpu).type for g in got)
+    assert_same_anchors([g.cpu() for g in got], cpu)

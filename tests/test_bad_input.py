@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rpn_ops
+from helpers import needs_cuda
 
 
 class Case(NamedTuple):
@@ -366,11 +367,20 @@ def run_matrix() -> int:
     return 1 if failures else 0
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+ONE_DEVICE_CASES = [case for case in CASES if not case.cuda_only]
+TWO_DEVICE_CASES = [case for case in CASES if case.cuda_only]
+
+
+@pytest.mark.parametrize("case", ONE_DEVICE_CASES, ids=[case.name for case in ONE_DEVICE_CASES])
 def test_bad_input_raises_a_message_naming_the_argument(device, case):
-    if case.cuda_only and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device for a second device")
     check_case(case, device)
+
+
+@needs_cuda
+@pytest.mark.parametrize("first_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("case", TWO_DEVICE_CASES, ids=[case.name for case in TWO_DEVICE_CASES])
+def test_inputs_on_two_devices_raise_a_message_naming_the_argument(first_device, case):
+    check_case(case, first_device)
 
 
 def test_bad_input_never_crashes_the_process():

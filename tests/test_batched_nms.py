@@ -6,7 +6,7 @@ import torchvision
 
 import rpn_ops
 from helpers import (FLOAT_DTYPES, HALF_DTYPES, assert_indices, exact_half_iou_pair, needs_cuda, non_contiguous,
-                     special_boxes, stable_descending, tv_batched_nms_per_class)
+                     special_boxes, stable_descending, too_large_to_emulate, tv_batched_nms_per_class)
 from rpn_ops import reference, workloads
 
 
@@ -229,6 +229,7 @@ def test_max_output_returns_the_first_k_of_the_full_result(device, dtype):
         assert_indices(rpn_ops.batched_nms(boxes, scores, idxs, 0.5, max_output=k), full[:k], device)
 
 
+@too_large_to_emulate
 def test_max_output_at_100k_boxes(device):
     boxes, scores = workloads.rpn_like_boxes(100_000, seed=25, device=device)
     idxs = workloads.categories(100_000, 91, seed=26, device=device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rpn_ops
-from helpers import assert_indices, assert_same_iou, needs_cuda
+from helpers import assert_indices, assert_same_iou, compiles, needs_cuda
 from rpn_ops import workloads
 
 
@@ -63,12 +63,14 @@ def _check_compiled(compiled, sizes, device):
         assert_same_iou(got[2], expected[2])
 
 
+@compiles
 def test_torch_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
     compiled = torch.compile(_proposal_stage, fullgraph=True, dynamic=False)
     _check_compiled(compiled, [200], device)
 
 
+@compiles
 def test_torch_compile_with_dynamic_box_counts_matches_eager(device):
     """The number of boxes varies from call to call (as it does between images): one graph, symbolic N."""
     torch._dynamo.reset()
@@ -157,6 +159,7 @@ def _anchor_and_decode_stage(generator, coder, images, features, codes):
     return anchors, proposals, targets
 
 
+@compiles
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_of_anchors_and_box_coding_matches_eager(device, dynamic):
     from torchvision.models.detection.image_list import ImageList

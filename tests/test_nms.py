@@ -7,9 +7,9 @@ import torch
 import torchvision
 
 import rpn_ops
-from helpers import (FLOAT_DTYPES, HALF_DTYPES, SPECIAL_KINDS, assert_indices, exact_half_iou_pair,
-                     float32_neighbours, needs_cuda, non_contiguous, pair_with_float32_iou, special_boxes,
-                     stable_descending, tv_nms, tv_nms_rpn_like)
+from helpers import (FLOAT_DTYPES, HALF_DTYPES, SPECIAL_KINDS, assert_indices, exact_half_iou_pair, float32_neighbours,
+                     needs_cuda, non_contiguous, pair_with_float32_iou, special_boxes, stable_descending,
+                     too_large_to_emulate, tv_nms, tv_nms_rpn_like)
 from rpn_ops import reference, workloads
 
 SIZES = [1, 2, 100, 1000, 5000, 20000]
@@ -254,6 +254,7 @@ def test_empty_input_gives_empty_int64_output(device, dtype):
         assert_indices(kept, torch.zeros(0), device)
 
 
+@too_large_to_emulate
 def test_100k_boxes_match_torchvision_at_threshold_zero(device):
     boxes, scores = workloads.rpn_like_boxes(100_000, seed=10)
     expected = tv_nms(boxes, scores, 0.0)  # few kept: fast for torchvision too
@@ -261,6 +262,7 @@ def test_100k_boxes_match_torchvision_at_threshold_zero(device):
     assert_indices(rpn_ops.nms(boxes.to(device), scores.to(device), 0.0), expected, device)
 
 
+@too_large_to_emulate
 def test_100k_boxes_max_output_is_a_prefix_of_the_full_result(device):
     boxes, scores = workloads.rpn_like_boxes(100_000, seed=11, device=device)
     full = rpn_ops.nms(boxes, scores, 0.7)
@@ -271,6 +273,7 @@ def test_100k_boxes_max_output_is_a_prefix_of_the_full_result(device):
         assert_indices(full, rpn_ops.nms(boxes.cpu(), scores.cpu(), 0.7), device)
 
 
+@too_large_to_emulate
 def test_50k_boxes_match_torchvision(device):
     boxes, scores = workloads.rpn_like_boxes(50_000, seed=12, per_cluster=400)
     expected = tv_nms(boxes, scores, 0.5)

@@ -11,7 +11,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 
 import rpn_ops
-from helpers import needs_cuda
+from helpers import compiles, cpu_kernels, needs_cuda
 from rpn_ops import reference, workloads
 
 TEST_SETTINGS = dict(pre_nms_top_n=1000, post_nms_top_n=1000)
@@ -264,6 +264,22 @@ def test_reference_agrees_with_torchvision_and_ours():
     assert_same_proposals(inputs.ours(**settings), expected)
 
 
+def test_more_image_level_segments_than_one_grid_dimension_holds(gpu):
+    """13108 images x 5 levels of one anchor: 65540 (image, level) NMS segments, more than the 65535 blocks of a
+    grid's z dimension, in which the CUDA kernel once launched all the segment masks (found by the emulator)."""
+    images, levels = 13108, 5
+    g = torch.Generator().manual_seed(31)
+    anchors = workloads.random_boxes(levels, seed=31)
+    objectness = torch.randn(images * levels, 1, generator=g)
+    deltas = 0.1 * torch.randn(images * levels, 4, generator=g)
+    image_sizes = [(480, 640)] * images
+    with cpu_kernels():
+        expected = rpn_ops.generate_proposals(objectness, deltas, anchors, image_sizes, [1] * levels, 1, levels)
+    got = rpn_ops.generate_proposals(objectness.to(gpu), deltas.to(gpu), anchors.to(gpu), image_sizes, [1] * levels, 1,
+                                     levels)
+    assert_same_proposals(got, expected, exact=gpu != "cuda")
+
+
 @pytest.mark.parametrize("settings", [TEST_SETTINGS, dict(pre_nms_top_n=50, post_nms_top_n=20, score_thresh=0.6)])
 def test_padded_outputs_hold_the_lists(device, settings):
     inputs = Inputs(3, SMALL_IMAGE, seed=17, device=device)
@@ -278,11 +294,12 @@ def test_padded_outputs_hold_the_lists(device, settings):
         assert (padded_boxes[b, n:] == 0).all() and (padded_scores[b, n:] == 0).all()
 
 
-@needs_cuda
 @pytest.mark.parametrize("settings", [TEST_SETTINGS, TRAINING_SETTINGS], ids=["test", "training"])
-def test_cuda_matches_cpu(settings):
-    got = Inputs(4, SMALL_IMAGE, seed=18, device="cuda").ours(**settings)
-    assert_same_proposals(got, Inputs(4, SMALL_IMAGE, seed=18).ours(**settings), exact=False)
+def test_cuda_kernels_match_cpu(gpu, settings):
+    got = Inputs(4, SMALL_IMAGE, seed=18, device=gpu).ours(**settings)
+    with cpu_kernels():
+        expected = Inputs(4, SMALL_IMAGE, seed=18).ours(**settings)
+    assert_same_proposals(got, expected, exact=gpu != "cuda")
 
 
 @needs_cuda
@@ -322,6 +339,7 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@compiles
 def test_torch_compile_fullgraph(device):
     inputs = Inputs(2, (64, 96), seed=22, device=device)
 

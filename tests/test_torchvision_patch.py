@@ -544,4 +544,5 @@ def test_the_training_example_runs_and_reports_equal_losses():
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "torchvision" in result.stdout and "rpn_ops" in result.stdout and "same losses: True" in result.stdout
+    assert "torchvision" in result.stdout and "rpn_ops" in result.stdout, result.stdout
+    assert "same losses: True" in result.stdout, result.stdout

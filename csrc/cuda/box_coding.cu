@@ -4,10 +4,6 @@
 // buffers sit between the two halves of the computation. Outputs are fresh contiguous tensors; each item's
 // four values go out in one vector store when the output is aligned for it (it always is, out of at::empty).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -22,7 +18,8 @@
 namespace rpn_ops::cuda {
 namespace {
 
-constexpr int kMaxLevels = 16;  // levels per grid_anchors launch; more levels take more launches
+constexpr int kMaxLevels = 16;  // levels a LevelTable holds
+RPN_OPS_SIZING(kLevelsPerLaunch, kMaxLevels);  // levels per grid_anchors launch; more levels take more launches
 
 // ---------------------------------------------------------------------------------------------------------
 // Anchors
@@ -52,29 +49,27 @@ __global__ void grid_anchors_kernel(const T* __restrict__ cells, const LevelTabl
 
 at::Tensor grid_anchors(const at::Tensor& cell_anchors, at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
                         at::IntArrayRef strides, int64_t num_images) {
-  const c10::cuda::CUDAGuard guard(cell_anchors.device());
+  const DeviceGuard guard(cell_anchors.device());
   int64_t total = 0;
   const auto levels =
       check_grid_anchors_inputs(cell_anchors, cells_per_level, grid_sizes, strides, num_images, total);
   at::Tensor out = at::empty({num_images, total, 4}, cell_anchors.options());
   if (out.numel() == 0) return out;
   const at::Tensor cells = cell_anchors.contiguous();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t level_count = static_cast<int64_t>(levels.size());
   visit_float_type(cells.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* out_data = out.data_ptr<T>();
     const bool vectorized = aligned_for_vec4(out_data);
-    for (int64_t first = 0; first < level_count; first += kMaxLevels) {
+    for (int64_t first = 0; first < level_count; first += kLevelsPerLaunch) {
       LevelTable table{};
-      table.count = static_cast<int>(std::min<int64_t>(kMaxLevels, level_count - first));
+      table.count = static_cast<int>(std::min<int64_t>(kLevelsPerLaunch, level_count - first));
       for (int l = 0; l < table.count; ++l) table.level[l] = levels[first + l];
       const int64_t begin = levels[first].first_anchor;
       const int64_t end = first + table.count < level_count ? levels[first + table.count].first_anchor : total;
       if (begin == end) continue;
-      grid_anchors_kernel<T><<<blocks_for(end - begin), kThreads, 0, stream>>>(
-          cells.data_ptr<T>(), table, begin, end, total, num_images, vectorized, out_data);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<grid_anchors_kernel<T>>(blocks_for(end - begin), kThreads, 0, cells.data_ptr<T>(), table, begin, end,
+                                     total, num_images, vectorized, out_data);
     }
   });
   return out;
@@ -108,15 +103,14 @@ void fill_decoded(const at::Tensor& codes, const at::Tensor& boxes, const CudaCo
                   at::Tensor& out) {
   const int64_t n = codes.size(0), classes = codes.size(1) / 4, items = n * classes;
   S* decoded = out.data_ptr<S>();
-  decode_kernel<T, S><<<blocks_for(items), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      codes.data_ptr<T>(), codes.stride(0), codes.stride(1), boxes.data_ptr<T>(), boxes.stride(0), boxes.stride(1),
-      items, classes, weights, clip, aligned_for_vec4(decoded), decoded);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<decode_kernel<T, S>>(blocks_for(items), kThreads, 0, codes.data_ptr<T>(), codes.stride(0), codes.stride(1),
+                              boxes.data_ptr<T>(), boxes.stride(0), boxes.stride(1), items, classes, weights, clip,
+                              aligned_for_vec4(decoded), decoded);
 }
 
 at::Tensor decode_boxes(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights,
                         double bbox_xform_clip, bool float32_exp) {
-  const c10::cuda::CUDAGuard guard(rel_codes.device());
+  const DeviceGuard guard(rel_codes.device());
   check_decode_inputs(rel_codes, boxes, weights, bbox_xform_clip);
   const auto type = rel_codes.scalar_type();
   at::Tensor out = at::empty(rel_codes.sizes(), rel_codes.options().dtype(coding_output_type(type, float32_exp)));
@@ -156,15 +150,14 @@ void fill_encoded(const at::Tensor& reference_boxes, const at::Tensor& proposals
   const EncodeWeights<R> w{{to<R>(weights[0]), to<R>(weights[1]), to<R>(weights[2]), to<R>(weights[3])}};
   const int64_t n = reference_boxes.size(0);
   L* encoded = out.data_ptr<L>();
-  encode_kernel<R, P, L><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reference_boxes.data_ptr<R>(), reference_boxes.stride(0), reference_boxes.stride(1), proposals.data_ptr<P>(),
-      proposals.stride(0), proposals.stride(1), n, w, aligned_for_vec4(encoded), encoded);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<encode_kernel<R, P, L>>(blocks_for(n), kThreads, 0, reference_boxes.data_ptr<R>(), reference_boxes.stride(0),
+                                 reference_boxes.stride(1), proposals.data_ptr<P>(), proposals.stride(0),
+                                 proposals.stride(1), n, w, aligned_for_vec4(encoded), encoded);
 }
 
 at::Tensor encode_boxes(const at::Tensor& reference_boxes, const at::Tensor& proposals, at::ArrayRef<double> weights,
                         bool float32_log) {
-  const c10::cuda::CUDAGuard guard(reference_boxes.device());
+  const DeviceGuard guard(reference_boxes.device());
   check_encode_inputs(reference_boxes, proposals, weights);
   const auto mixed = at::promoteTypes(reference_boxes.scalar_type(), proposals.scalar_type());
   at::Tensor out = at::empty({reference_boxes.size(0), 4},
@@ -179,7 +172,7 @@ at::Tensor encode_boxes(const at::Tensor& reference_boxes, const at::Tensor& pro
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+RPN_OPS_CUDA_KERNELS(m) {
   m.impl("grid_anchors", TORCH_FN(grid_anchors));
   m.impl("decode_boxes", TORCH_FN(decode_boxes));
   m.impl("encode_boxes", TORCH_FN(encode_boxes));

@@ -3,10 +3,6 @@
 // (coalesced), each thread keeps its column's box in registers and reads the rows' boxes (the same address
 // across the warp, a broadcast). 64-bit indices throughout: N * M may pass 2^31.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
@@ -14,6 +10,7 @@
 
 #include "../box_math.h"
 #include "../checks.h"
+#include "launch.cuh"
 
 namespace rpn_ops::cuda {
 namespace {
@@ -21,8 +18,7 @@ namespace {
 constexpr int kTileColumns = 32;  // blockDim.x
 constexpr int kRowLanes = 8;      // blockDim.y
 constexpr int kTileRows = 64;     // kTileRows / kRowLanes rows per thread
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+RPN_OPS_SIZING(kMaxTileBlocks, INT_MAX);  // blocks loop over the tiles beyond
 
 // boxes1: [batch, n, 4], boxes2: [batch, m, 4], iou: [batch, n, m], all contiguous of type T.
 template <typename T>
@@ -50,7 +46,7 @@ __global__ void box_iou_kernel(const T* __restrict__ boxes1, const T* __restrict
 
 at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   std::vector<int64_t> batch = check_box_iou_inputs(boxes1, boxes2);
-  const c10::cuda::CUDAGuard guard(boxes1.device());
+  const DeviceGuard guard(boxes1.device());
   const int64_t n = boxes1.size(-2), m = boxes2.size(-2);
   const auto type = compute_type(boxes1.scalar_type());
   std::vector<int64_t> out_shape = batch;
@@ -61,19 +57,18 @@ at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   const auto b1 = as_batched_boxes(boxes1, batch, type), b2 = as_batched_boxes(boxes2, batch, type);
   const int64_t entries = b1.size(0);
   const int64_t tiles = entries * ceil_div(n, kTileRows) * ceil_div(m, kTileColumns);
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, INT_MAX)));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, kMaxTileBlocks)));
   const dim3 threads(kTileColumns, kRowLanes);
   AT_DISPATCH_FLOATING_TYPES(type, "rpn_ops_box_iou_cuda", [&] {
-    box_iou_kernel<scalar_t><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        b1.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), entries, n, m, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<box_iou_kernel<scalar_t>>(grid, threads, 0, b1.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), entries, n,
+                                     m, out.data_ptr<scalar_t>());
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+RPN_OPS_CUDA_KERNELS(m) {
   m.impl("box_iou", TORCH_FN(box_iou));
 }
 

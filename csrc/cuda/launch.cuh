@@ -1,17 +1,22 @@
-// What the elementwise CUDA kernels share: the launch shape of grid-stride loops and the vector store of an
-// item's four values.
+// What the CUDA kernels share: the runtime (runtime.cuh), the launch shape of grid-stride loops and the vector
+// store of an item's four values.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
+#include "runtime.cuh"
+
 namespace rpn_ops::cuda {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535 * 8;  // grid-stride loops cover the rest
+RPN_OPS_SIZING(kMaxBlocks, 65535 * 8);  // grid-stride loops cover the rest
 
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of kThreads for a grid-stride loop over `items`.
 inline unsigned blocks_for(int64_t items) {
-  return static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks));
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div(items, kThreads), kMaxBlocks));
 }
 
 // Four values of T stored at once: one 16-byte store for float, 8 bytes for float16 / bfloat16, two 16-byte

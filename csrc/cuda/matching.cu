@@ -9,10 +9,6 @@
 // with highest <= their best can qualify); then Matcher's decision (matching.h), and for assign_targets the
 // labels, the matched boxes and their encoding (box_coding.h, with the device's logf as PyTorch's CUDA log).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,9 +24,12 @@
 namespace rpn_ops::cuda {
 namespace {
 
-constexpr int kTileBoxes = 256;  // ground-truth boxes per shared-memory tile
-constexpr int kMaxImagesPerGrid = 65535;
+constexpr int kTileCapacity = 256;                // ground-truth boxes a shared-memory tile holds
+RPN_OPS_SIZING(kTileBoxes, kTileCapacity);        // ground-truth boxes per tile
+RPN_OPS_SIZING(kMaxImagesPerGrid, 65535);         // grid.y; blocks loop over the images beyond
 constexpr unsigned kFullWarp = 0xffffffffu;
+// Bits of the non-finite flag: which input holds a box with an infinite or NaN coordinate.
+constexpr int kNonFiniteGt = 1, kNonFiniteAnchor = 2;
 
 // One image's slice of the batch; the table lives on the device.
 struct ImageSpan {
@@ -42,7 +41,7 @@ using key_t = std::conditional_t<std::is_same_v<U, double>, unsigned long long, 
 
 template <typename K>
 __device__ __forceinline__ K warp_max(K key) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if RPN_OPS_DEVICE_ARCH >= 800
   if constexpr (sizeof(K) == 4) {
     return __reduce_max_sync(kFullWarp, key);
   } else
@@ -75,6 +74,13 @@ __device__ __forceinline__ void for_each_anchor_block(const ImageSpan* images, i
   }
 }
 
+// A tile of ground-truth boxes and, per box, H: its highest IoU (as a key while it is being reduced).
+template <typename U, typename H>
+struct GtTile {
+  MatchBox<U> box[kTileCapacity];
+  H highest[kTileCapacity];
+};
+
 // Tile `first` of the image's ground-truth boxes into shared memory, flagging non-finite ones.
 template <typename G, typename U>
 __device__ __forceinline__ int load_gt_tile(const G* gt_boxes, const ImageSpan& span, int64_t first,
@@ -82,7 +88,7 @@ __device__ __forceinline__ int load_gt_tile(const G* gt_boxes, const ImageSpan& 
   const int count = static_cast<int>(span.gts - first < kTileBoxes ? span.gts - first : kTileBoxes);
   for (int t = threadIdx.x; t < count; t += blockDim.x) {
     tile[t] = match_box<U>(gt_boxes + 4 * (span.first_gt + first + t));
-    if (!is_finite_box(tile[t])) *non_finite = 1;
+    if (!is_finite_box(tile[t])) atomicOr(non_finite, kNonFiniteGt);
   }
   return count;
 }
@@ -92,30 +98,29 @@ __global__ void best_match_kernel(const G* __restrict__ gt_boxes, const A* __res
                                   const ImageSpan* __restrict__ images, int64_t image_count, U* __restrict__ best_iou,
                                   int32_t* __restrict__ best_gt, key_t<U>* __restrict__ gt_highest,
                                   int* __restrict__ non_finite) {
-  __shared__ MatchBox<U> tile[kTileBoxes];
-  __shared__ key_t<U> tile_highest[kTileBoxes];
+  GtTile<U, key_t<U>>& tile = block_shared<GtTile<U, key_t<U>>>();
   const bool warp_leader = threadIdx.x % 32 == 0;
   for_each_anchor_block(images, image_count, [&](const ImageSpan& span, int64_t j, bool in_range) {
     if (span.gts == 0) return;
     const int64_t index = span.first_anchor + j;
     const MatchBox<U> anchor = in_range ? match_box<U>(anchors + 4 * index) : MatchBox<U>{};
-    if (in_range && !is_finite_box(anchor)) *non_finite = 1;
+    if (in_range && !is_finite_box(anchor)) atomicOr(non_finite, kNonFiniteAnchor);
     U best = U(0);  // torch.max of all +-0 IoUs: box 0
     int32_t best_index = 0;
     for (int64_t first = 0; first < span.gts; first += kTileBoxes) {
       __syncthreads();
-      const int count = load_gt_tile(gt_boxes, span, first, tile, non_finite);
-      for (int t = threadIdx.x; t < count; t += blockDim.x) tile_highest[t] = 0;
+      const int count = load_gt_tile(gt_boxes, span, first, tile.box, non_finite);
+      for (int t = threadIdx.x; t < count; t += blockDim.x) tile.highest[t] = 0;
       __syncthreads();
       for (int t = 0; t < count; ++t) {
-        const U iou = match_iou<C>(tile[t], anchor);
+        const U iou = match_iou<C>(tile.box[t], anchor);
         if (better_match(iou, best)) best = iou, best_index = static_cast<int32_t>(first + t);
         const key_t<U> highest = warp_max(in_range ? key_of(iou) : key_t<U>{0});
-        if (warp_leader && highest != 0) atomicMax(&tile_highest[t], highest);
+        if (warp_leader && highest != 0) atomicMax(&tile.highest[t], highest);
       }
       __syncthreads();
       for (int t = threadIdx.x; t < count; t += blockDim.x) {
-        if (tile_highest[t] != 0) atomicMax(&gt_highest[span.first_gt + first + t], tile_highest[t]);
+        if (tile.highest[t] != 0) atomicMax(&gt_highest[span.first_gt + first + t], tile.highest[t]);
       }
     }
     if (in_range) best_iou[index] = best, best_gt[index] = best_index;
@@ -165,8 +170,7 @@ __global__ void decide_kernel(const G* __restrict__ gt_boxes, const A* __restric
                               const U* __restrict__ best_iou, const int32_t* __restrict__ best_gt,
                               const key_t<U>* __restrict__ gt_highest, const MatchThresholds<U> thresholds,
                               int* __restrict__ non_finite, const Writer writer) {
-  __shared__ MatchBox<U> tile[kTileBoxes];
-  __shared__ U tile_highest[kTileBoxes];
+  GtTile<U, U>& tile = block_shared<GtTile<U, U>>();
   for_each_anchor_block(images, image_count, [&](const ImageSpan& span, int64_t j, bool in_range) {
     const int64_t index = span.first_anchor + j;
     if (span.gts == 0) {
@@ -181,14 +185,14 @@ __global__ void decide_kernel(const G* __restrict__ gt_boxes, const A* __restric
       const MatchBox<U> anchor = looks ? match_box<U>(anchors + 4 * index) : MatchBox<U>{};
       for (int64_t first = 0; first < span.gts; first += kTileBoxes) {
         __syncthreads();
-        const int count = load_gt_tile(gt_boxes, span, first, tile, non_finite);
+        const int count = load_gt_tile(gt_boxes, span, first, tile.box, non_finite);
         for (int t = threadIdx.x; t < count; t += blockDim.x) {
-          tile_highest[t] = value_of_key<U>(gt_highest[span.first_gt + first + t]);
+          tile.highest[t] = value_of_key<U>(gt_highest[span.first_gt + first + t]);
         }
         __syncthreads();
         for (int t = 0; looks && !reaches_gt_highest && t < count; ++t) {
           // IoU(box, anchor) <= best: a box whose highest IoU is above it (or NaN) cannot be reached.
-          reaches_gt_highest = tile_highest[t] <= best && match_iou<C>(tile[t], anchor) == tile_highest[t];
+          reaches_gt_highest = tile.highest[t] <= best && match_iou<C>(tile.box[t], anchor) == tile.highest[t];
         }
       }
     }
@@ -199,7 +203,7 @@ __global__ void decide_kernel(const G* __restrict__ gt_boxes, const A* __restric
 }
 
 // The device buffers of one call: the image table, the per-anchor best IoU and box, the per-box highest IoU
-// keys (zero: below every IoU) and the non-finite flag.
+// keys (zero: below every IoU) and the non-finite flags.
 template <typename U>
 struct MatchBuffers {
   at::Tensor images, best_iou, best_gt, gt_highest, non_finite;
@@ -241,24 +245,26 @@ void match_batch(const at::Tensor& gt, const at::Tensor& anchors, at::IntArrayRe
   const MatchBuffers<U> buffers(anchors, gt.size(0), gt_per_image, anchors_per_image);
   const MatchThresholds<U> thresholds{static_cast<U>(high_threshold), static_cast<U>(low_threshold),
                                       allow_low_quality_matches};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const G* gt_data = gt.numel() > 0 ? gt.data_ptr<G>() : nullptr;
   int* non_finite = buffers.non_finite.template data_ptr<int>();
-  best_match_kernel<G, A, C, U><<<buffers.grid(), kThreads, 0, stream>>>(
-      gt_data, anchors.data_ptr<A>(), buffers.spans(), buffers.image_count, buffers.best_iou.template data_ptr<U>(),
-      buffers.best_gt.template data_ptr<int32_t>(), buffers.highest_keys(), non_finite);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  decide_kernel<G, A, C, U><<<buffers.grid(), kThreads, 0, stream>>>(
-      gt_data, anchors.data_ptr<A>(), buffers.spans(), buffers.image_count, buffers.best_iou.template data_ptr<U>(),
-      buffers.best_gt.template data_ptr<int32_t>(), buffers.highest_keys(), thresholds, non_finite, writer);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (buffers.non_finite.template item<int>() != 0) fail_non_finite_boxes("gt_boxes or anchors");
+  launch<best_match_kernel<G, A, C, U>>(buffers.grid(), kThreads, 0, gt_data, anchors.data_ptr<A>(), buffers.spans(),
+                                        buffers.image_count, buffers.best_iou.template data_ptr<U>(),
+                                        buffers.best_gt.template data_ptr<int32_t>(), buffers.highest_keys(),
+                                        non_finite);
+  launch<decide_kernel<G, A, C, U, Writer>>(buffers.grid(), kThreads, 0, gt_data, anchors.data_ptr<A>(),
+                                            buffers.spans(), buffers.image_count,
+                                            buffers.best_iou.template data_ptr<U>(),
+                                            buffers.best_gt.template data_ptr<int32_t>(), buffers.highest_keys(),
+                                            thresholds, non_finite, writer);
+  const int non_finite_inputs = buffers.non_finite.template item<int>();  // the one host synchronisation
+  if (non_finite_inputs & kNonFiniteGt) fail_non_finite_boxes("gt_boxes");  // the CPU kernel's order
+  if (non_finite_inputs & kNonFiniteAnchor) fail_non_finite_boxes("anchors");
 }
 
 at::Tensor match_anchors(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
                          at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
                          bool allow_low_quality_matches) {
-  const c10::cuda::CUDAGuard guard(anchors.device());
+  const DeviceGuard guard(anchors.device());
   check_matching_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
                         /*empty_gt_allowed=*/false);
   at::Tensor out = at::empty({anchors.size(0)}, anchors.options().dtype(at::kLong));
@@ -275,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets(
     const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
     at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold, bool allow_low_quality_matches,
     at::ArrayRef<double> weights, bool float32_log) {
-  const c10::cuda::CUDAGuard guard(anchors.device());
+  const DeviceGuard guard(anchors.device());
   check_assign_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold, weights);
   at::Tensor labels, matched_gt, targets;
   std::tie(labels, matched_gt, targets) = empty_assign_outputs(gt_boxes, anchors, float32_log);
@@ -297,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+RPN_OPS_CUDA_KERNELS(m) {
   m.impl("match_anchors", TORCH_FN(match_anchors));
   m.impl("assign_targets", TORCH_FN(assign_targets));
 }

@@ -9,10 +9,6 @@
 //     count and return at once).
 // The only host synchronisation is the read of the kept count at the end.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -20,17 +16,16 @@
 
 #include "../box_math.h"
 #include "../checks.h"
+#include "launch.cuh"
 
 namespace rpn_ops::cuda {
 namespace {
 
-constexpr int kBlockBits = 64;                           // boxes per mask word
-constexpr int64_t kMaskBudgetBytes = int64_t{256} << 20;  // one chunk of mask rows
+constexpr int kBlockBits = 64;  // boxes per mask word
 constexpr int kWalkThreads = 512;
+RPN_OPS_SIZING(kMaskBudgetBytes, int64_t{256} << 20);  // one chunk of mask rows
 // The default shared memory limit (48 KiB, static and dynamic together) less the walk's `diagonal` words.
-constexpr int64_t kMaxSharedRemovedWords = 48 * 1024 / 8 - kBlockBits;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+RPN_OPS_SIZING(kMaxSharedRemovedWords, 48 * 1024 / 8 - kBlockBits);
 
 // descending_key (box_math.h) shifted into the signed range, since torch sorts signed integers.
 __device__ int32_t signed_descending_key(float score) {
@@ -46,6 +41,13 @@ __global__ void descending_keys_kernel(const T* __restrict__ scores, int64_t n, 
   if (i < n) keys[i] = signed_descending_key(scores[i]);
 }
 
+// The 64 boxes of a column block, in shared memory.
+template <typename T>
+struct ColumnBoxes {
+  T x1[kBlockBits], y1[kBlockBits], x2[kBlockBits], y2[kBlockBits], area[kBlockBits];
+  int64_t category[kBlockBits];
+};
+
 // Block (cb, rb) of a chunk: 64 rows (one per thread) against the 64 boxes of column block cb, for cb >= rb.
 // boxes and categories are in score order; categories is null for plain NMS.
 template <typename T>
@@ -58,17 +60,15 @@ __global__ void overlap_mask_kernel(const T* __restrict__ boxes, const int64_t* 
   const int64_t col_block = chunk_begin / kBlockBits + blockIdx.x;
   if (col_block < row_block) return;  // below the diagonal: never read
 
-  __shared__ T col_x1[kBlockBits], col_y1[kBlockBits], col_x2[kBlockBits], col_y2[kBlockBits];
-  __shared__ T col_area[kBlockBits];
-  __shared__ int64_t col_category[kBlockBits];
+  ColumnBoxes<T>& col = block_shared<ColumnBoxes<T>>();
   const int64_t col_begin = col_block * kBlockBits;
   const int columns = static_cast<int>(std::min<int64_t>(kBlockBits, n - col_begin));
   const int lane = static_cast<int>(threadIdx.x);
   if (lane < columns) {
     const T* b = boxes + 4 * (col_begin + lane);
-    col_x1[lane] = b[0], col_y1[lane] = b[1], col_x2[lane] = b[2], col_y2[lane] = b[3];
-    col_area[lane] = area_of(b[0], b[1], b[2], b[3]);
-    col_category[lane] = categories ? categories[col_begin + lane] : 0;
+    col.x1[lane] = b[0], col.y1[lane] = b[1], col.x2[lane] = b[2], col.y2[lane] = b[3];
+    col.area[lane] = area_of(b[0], b[1], b[2], b[3]);
+    col.category[lane] = categories ? categories[col_begin + lane] : 0;
   }
   __syncthreads();
 
@@ -81,13 +81,17 @@ __global__ void overlap_mask_kernel(const T* __restrict__ boxes, const int64_t* 
   const int first = col_block == row_block ? lane + 1 : 0;
   uint64_t bits = 0;
   for (int j = first; j < columns; ++j) {
-    if (col_category[j] == category &&
-        iou_of(a[0], a[1], a[2], a[3], area_a, col_x1[j], col_y1[j], col_x2[j], col_y2[j], col_area[j]) > threshold) {
+    if (col.category[j] == category &&
+        iou_of(a[0], a[1], a[2], a[3], area_a, col.x1[j], col.y1[j], col.x2[j], col.y2[j], col.area[j]) > threshold) {
       bits |= uint64_t{1} << j;
     }
   }
   mask[(row - chunk_begin) * col_blocks + col_block] = bits;
 }
+
+struct DiagonalWords {
+  uint64_t word[kBlockBits];
+};
 
 // One block walks the chunk's rows in score order. removed (col_blocks words, all chunks) marks suppressed
 // boxes; it is staged in shared memory when it fits. Every thread follows the same decisions (it reads the
@@ -98,8 +102,8 @@ __global__ void greedy_walk_kernel(const uint64_t* __restrict__ mask, const int6
                                    int64_t col_blocks, int64_t chunk_begin, int64_t chunk_rows, int64_t limit,
                                    bool removed_in_shared, uint64_t* removed_global, int64_t* kept_count,
                                    int64_t* __restrict__ keep) {
-  extern __shared__ uint64_t removed_shared[];
-  __shared__ uint64_t diagonal[kBlockBits];  // the chunk rows' own-block words, for the serial part
+  uint64_t* removed_shared = dynamic_shared<uint64_t>();
+  uint64_t* diagonal = block_shared<DiagonalWords>().word;  // the chunk rows' own-block words, for the serial part
   int64_t count = *kept_count;
   if (count >= limit) return;
 
@@ -144,12 +148,10 @@ template <typename T>
 at::Tensor greedy_nms(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& categories,
                       double iou_threshold, int64_t max_output) {
   const int64_t n = boxes.size(0);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   using Key = std::conditional_t<std::is_same_v<T, double>, int64_t, int32_t>;
   at::Tensor keys = at::empty({n}, scores.options().dtype(std::is_same_v<T, double> ? at::kLong : at::kInt));
-  descending_keys_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(scores.data_ptr<T>(), n,
-                                                                                      keys.data_ptr<Key>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<descending_keys_kernel<T, Key>>(static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0,
+                                         scores.data_ptr<T>(), n, keys.data_ptr<Key>());
   const at::Tensor order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::Tensor sorted_boxes = boxes.index_select(0, order);
   const at::Tensor sorted_categories = categories.defined() ? categories.index_select(0, order) : at::Tensor();
@@ -171,16 +173,16 @@ at::Tensor greedy_nms(const at::Tensor& boxes, const at::Tensor& scores, const a
     // grid.y <= 724: rows_per_chunk * col_blocks words fit the budget and rows_per_chunk <= 64 * col_blocks.
     const dim3 mask_grid(static_cast<unsigned>(col_blocks - first_block),
                          static_cast<unsigned>(ceil_div(chunk_rows, kBlockBits)));
-    overlap_mask_kernel<T><<<mask_grid, kBlockBits, 0, stream>>>(
-        sorted_boxes.data_ptr<T>(), categories.defined() ? sorted_categories.data_ptr<int64_t>() : nullptr, n,
-        col_blocks, chunk_begin, chunk_rows, threshold, kept_count.data_ptr<int64_t>(), max_output, mask_words);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<overlap_mask_kernel<T>>(
+        mask_grid, kBlockBits, 0, sorted_boxes.data_ptr<T>(),
+        categories.defined() ? sorted_categories.data_ptr<int64_t>() : nullptr, n, col_blocks, chunk_begin,
+        chunk_rows, threshold, kept_count.data_ptr<int64_t>(), max_output, mask_words);
     const int64_t words = col_blocks - first_block;
     const bool removed_in_shared = words <= kMaxSharedRemovedWords;
-    greedy_walk_kernel<<<1, kWalkThreads, removed_in_shared ? words * 8 : 0, stream>>>(
-        mask_words, order.data_ptr<int64_t>(), col_blocks, chunk_begin, chunk_rows, max_output, removed_in_shared,
-        removed_words, kept_count.data_ptr<int64_t>(), keep.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<greedy_walk_kernel>(1, kWalkThreads, removed_in_shared ? words * 8 : 0, mask_words,
+                               order.data_ptr<int64_t>(), col_blocks, chunk_begin, chunk_rows, max_output,
+                               removed_in_shared, removed_words, kept_count.data_ptr<int64_t>(),
+                               keep.data_ptr<int64_t>());
   }
   return keep.narrow(0, 0, kept_count.item<int64_t>());  // the one host synchronisation
 }
@@ -204,18 +206,18 @@ at::Tensor run_nms(const at::Tensor& boxes, const at::Tensor& scores, const at::
 at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
                std::optional<int64_t> max_output) {
   check_nms_inputs(boxes, scores, iou_threshold, max_output);
-  const c10::cuda::CUDAGuard guard(boxes.device());
+  const DeviceGuard guard(boxes.device());
   return run_nms(boxes, scores, at::Tensor(), iou_threshold, max_output);
 }
 
 at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                        double iou_threshold, std::optional<int64_t> max_output) {
   check_batched_nms_inputs(boxes, scores, idxs, iou_threshold, max_output);
-  const c10::cuda::CUDAGuard guard(boxes.device());
+  const DeviceGuard guard(boxes.device());
   return run_nms(boxes, scores, idxs.to(at::kLong).contiguous(), iou_threshold, max_output);
 }
 
-TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+RPN_OPS_CUDA_KERNELS(m) {
   m.impl("nms", TORCH_FN(nms));
   m.impl("batched_nms", TORCH_FN(batched_nms));
 }

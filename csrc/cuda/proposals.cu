@@ -9,10 +9,6 @@
 //     post_nms_top_n kept;
 //  4. a merge kernel: each kept box finds its output position by binary searches in the other levels.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -30,10 +26,10 @@ namespace {
 
 constexpr int kBlockBits = 64;
 constexpr int kMaxLevels = 16;
-constexpr int kImagesPerLaunch = 256;  // image sizes travel as kernel arguments
+constexpr int kMaxImagesPerLaunch = 256;  // image sizes travel as kernel arguments
+RPN_OPS_SIZING(kImagesPerLaunch, kMaxImagesPerLaunch);
+RPN_OPS_SIZING(kSegmentsPerLaunch, 65535);  // (image, level) segments per segment_mask_kernel launch: grid.z
 constexpr int64_t kIndexBits = 31;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The levels' layout as a kernel argument (no host-to-device copy, so graph capture works).
 struct Levels {
@@ -46,7 +42,7 @@ struct Levels {
 
 struct ImageSizes {
   int64_t first_image, images;
-  int32_t height[kImagesPerLaunch], width[kImagesPerLaunch];
+  int32_t height[kMaxImagesPerLaunch], width[kMaxImagesPerLaunch];
 };
 
 // (descending_key << 31) | index: ascending order is descending logit, then ascending index.
@@ -86,25 +82,33 @@ __global__ void clip_filter_kernel(S* __restrict__ boxes, const O* __restrict__ 
                static_cast<opmath_t<O>>(scores[row]) >= static_cast<opmath_t<O>>(score_thresh);
 }
 
-// Block (col_block, row_block) of segment (image, level) = blockIdx.z: bit j of mask word (row, col_block) says
-// that box `row` suppresses box 64 * col_block + j, for col_block >= row_block. Boxes are in rank order.
+// The 64 boxes of a column block, in shared memory.
 template <typename C>
-__global__ void segment_mask_kernel(const C* __restrict__ boxes, Levels levels, C threshold,
+struct SegmentColumns {
+  C x1[kBlockBits], y1[kBlockBits], x2[kBlockBits], y2[kBlockBits], area[kBlockBits];
+};
+
+// Block (col_block, row_block) of segment (image, level) = first_segment + blockIdx.z: bit j of mask word
+// (row, col_block) says that box `row` suppresses box 64 * col_block + j, for col_block >= row_block. Boxes are in
+// rank order.
+template <typename C>
+__global__ void segment_mask_kernel(const C* __restrict__ boxes, Levels levels, C threshold, int64_t first_segment,
                                     uint64_t* __restrict__ mask) {
-  const int64_t image = blockIdx.z / levels.count;
-  const int level = blockIdx.z % levels.count;
+  const int64_t segment_index = first_segment + blockIdx.z;
+  const int64_t image = segment_index / levels.count;
+  const int level = static_cast<int>(segment_index % levels.count);
   const int64_t count = levels.selected[level], col_blocks = levels.col_blocks[level];
   const int64_t row_block = blockIdx.y, col_block = blockIdx.x;
   if (col_block >= col_blocks || row_block >= col_blocks || col_block < row_block) return;
   const C* segment = boxes + 4 * (image * levels.selected_per_image + levels.first_selected[level]);
 
-  __shared__ C col_x1[kBlockBits], col_y1[kBlockBits], col_x2[kBlockBits], col_y2[kBlockBits], col_area[kBlockBits];
+  SegmentColumns<C>& col = block_shared<SegmentColumns<C>>();
   const int columns = static_cast<int>(std::min<int64_t>(kBlockBits, count - col_block * kBlockBits));
   const int lane = static_cast<int>(threadIdx.x);
   if (lane < columns) {
     const C* b = segment + 4 * (col_block * kBlockBits + lane);
-    col_x1[lane] = b[0], col_y1[lane] = b[1], col_x2[lane] = b[2], col_y2[lane] = b[3];
-    col_area[lane] = area_of(b[0], b[1], b[2], b[3]);
+    col.x1[lane] = b[0], col.y1[lane] = b[1], col.x2[lane] = b[2], col.y2[lane] = b[3];
+    col.area[lane] = area_of(b[0], b[1], b[2], b[3]);
   }
   __syncthreads();
   const int64_t row = row_block * kBlockBits + lane;
@@ -113,7 +117,7 @@ __global__ void segment_mask_kernel(const C* __restrict__ boxes, Levels levels, 
   const C area_a = area_of(a[0], a[1], a[2], a[3]);
   uint64_t bits = 0;
   for (int j = col_block == row_block ? lane + 1 : 0; j < columns; ++j) {
-    if (iou_of(a[0], a[1], a[2], a[3], area_a, col_x1[j], col_y1[j], col_x2[j], col_y2[j], col_area[j]) > threshold) {
+    if (iou_of(a[0], a[1], a[2], a[3], area_a, col.x1[j], col.y1[j], col.x2[j], col.y2[j], col.area[j]) > threshold) {
       bits |= uint64_t{1} << j;
     }
   }
@@ -124,7 +128,7 @@ __global__ void segment_mask_kernel(const C* __restrict__ boxes, Levels levels, 
 // the kept rows, at most `limit`. Every thread reads the same shared words, so all take the same branches.
 __global__ void segment_walk_kernel(const uint64_t* __restrict__ mask, const bool* __restrict__ valid, Levels levels,
                                     int64_t limit, int64_t* __restrict__ kept, int64_t* __restrict__ kept_count) {
-  extern __shared__ uint64_t removed[];
+  uint64_t* removed = dynamic_shared<uint64_t>();
   const int64_t image = blockIdx.x / levels.count;
   const int level = blockIdx.x % levels.count;
   const int64_t count = levels.selected[level], col_blocks = levels.col_blocks[level];
@@ -192,7 +196,6 @@ __global__ void merge_kernel(const S* __restrict__ boxes, const O* __restrict__ 
 
 // [B, K] indices within the image of each level's top anchors.
 at::Tensor select_anchors(const at::Tensor& logits, const ProposalLayout& layout) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t images = layout.images, total = layout.total_anchors;
   at::Tensor top_index = at::empty({images, layout.total_selected}, logits.options().dtype(at::kLong));
   for (int64_t l = 0; l < layout.levels(); ++l) {
@@ -206,9 +209,9 @@ at::Tensor select_anchors(const at::Tensor& logits, const ProposalLayout& layout
       at::Tensor keys = at::empty({images, count}, logits.options().dtype(at::kLong));
       visit_float_type(logits.scalar_type(), [&](auto tag) {
         using L = typename decltype(tag)::type;
-        rank_keys_kernel<L><<<static_cast<unsigned>(ceil_div(images * count, kThreads)), kThreads, 0, stream>>>(
-            logits.data_ptr<L>(), images, total, layout.first_anchor[l], count, keys.data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch<rank_keys_kernel<L>>(static_cast<unsigned>(ceil_div(images * count, kThreads)), kThreads, 0,
+                                    logits.data_ptr<L>(), images, total, layout.first_anchor[l], count,
+                                    keys.data_ptr<int64_t>());
       });
       order = std::get<0>(at::topk(keys, k, /*dim=*/1, /*largest=*/false, /*sorted=*/true))
                   .bitwise_and((int64_t{1} << kIndexBits) - 1);
@@ -230,8 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
                             grid_sizes, strides);
   TORCH_CHECK_VALUE(layout.levels() <= kMaxLevels, "generate_proposals on CUDA supports at most ", kMaxLevels,
                     " levels, got ", layout.levels());
-  const c10::cuda::CUDAGuard guard(objectness.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(objectness.device());
   const int64_t images = layout.images, total = layout.total_anchors, per_image = layout.total_selected;
   const auto box_type = proposal_box_type(pred_bbox_deltas, float32_exp);
   at::Tensor out_boxes = at::zeros({images, post_nms_top_n, 4}, pred_bbox_deltas.options().dtype(box_type));
@@ -239,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
   at::Tensor counts = at::zeros({images}, objectness.options().dtype(at::kLong));
   if (images == 0 || per_image == 0 || post_nms_top_n == 0) return {out_boxes, out_scores, counts};
 
-  const at::Tensor logits = objectness.reshape({images, total});
+  const at::Tensor logits = objectness.reshape({images, total}).contiguous();  // rank_keys_kernel reads it flat
   const at::Tensor top_index = select_anchors(logits, layout);
   const at::Tensor scores = logits.gather(1, top_index).sigmoid().reshape({-1});  // torchvision's [B, K] sigmoid
   const at::Tensor flat_index =
@@ -306,10 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
           sizes.height[b] = static_cast<int32_t>(layout.heights[first + b]);
           sizes.width[b] = static_cast<int32_t>(layout.widths[first + b]);
         }
-        clip_filter_kernel<S, O><<<static_cast<unsigned>(ceil_div(sizes.images * per_image, kThreads)), kThreads, 0,
-                                   stream>>>(boxes.data_ptr<S>(), scores.data_ptr<O>(), per_image, sizes,
-                                             to<S>(min_size), to<O>(score_thresh), valid.data_ptr<bool>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch<clip_filter_kernel<S, O>>(static_cast<unsigned>(ceil_div(sizes.images * per_image, kThreads)),
+                                         kThreads, 0, boxes.data_ptr<S>(), scores.data_ptr<O>(), per_image, sizes,
+                                         to<S>(min_size), to<O>(score_thresh), valid.data_ptr<bool>());
       }
     });
   });
@@ -317,28 +318,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
   const auto nms_type = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor nms_boxes = boxes.to(nms_type);
   auto* mask_words_ptr = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  const dim3 mask_grid(static_cast<unsigned>(max_col_blocks), static_cast<unsigned>(max_col_blocks),
-                       static_cast<unsigned>(images * levels.count));
-  if (nms_type == at::kDouble) {
-    segment_mask_kernel<double><<<mask_grid, kBlockBits, 0, stream>>>(nms_boxes.data_ptr<double>(), levels,
-                                                                       nms_thresh, mask_words_ptr);
-  } else {
-    segment_mask_kernel<float><<<mask_grid, kBlockBits, 0, stream>>>(nms_boxes.data_ptr<float>(), levels,
-                                                                      threshold_for<float>(nms_thresh), mask_words_ptr);
+  const int64_t segments = images * levels.count;
+  for (int64_t first = 0; first < segments; first += kSegmentsPerLaunch) {  // grid.z holds at most 65535
+    const dim3 mask_grid(static_cast<unsigned>(max_col_blocks), static_cast<unsigned>(max_col_blocks),
+                         static_cast<unsigned>(std::min<int64_t>(kSegmentsPerLaunch, segments - first)));
+    if (nms_type == at::kDouble) {
+      launch<segment_mask_kernel<double>>(mask_grid, kBlockBits, 0, nms_boxes.data_ptr<double>(), levels, nms_thresh,
+                                          first, mask_words_ptr);
+    } else {
+      launch<segment_mask_kernel<float>>(mask_grid, kBlockBits, 0, nms_boxes.data_ptr<float>(), levels,
+                                         threshold_for<float>(nms_thresh), first, mask_words_ptr);
+    }
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  segment_walk_kernel<<<static_cast<unsigned>(images * levels.count), kThreads, max_col_blocks * 8, stream>>>(
-      mask_words_ptr, valid.data_ptr<bool>(), levels, limit, kept.data_ptr<int64_t>(), kept_count.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<segment_walk_kernel>(static_cast<unsigned>(segments), kThreads, max_col_blocks * 8,
+                              mask_words_ptr, valid.data_ptr<bool>(), levels, limit, kept.data_ptr<int64_t>(),
+                              kept_count.data_ptr<int64_t>());
   visit_float_type(boxes.scalar_type(), [&](auto box_tag) {
     visit_float_type(scores.scalar_type(), [&](auto score_tag) {
       using S = typename decltype(box_tag)::type;
       using O = typename decltype(score_tag)::type;
-      merge_kernel<S, O><<<static_cast<unsigned>(images * levels.count), kThreads, 0, stream>>>(
-          boxes.data_ptr<S>(), scores.data_ptr<O>(), levels, kept.data_ptr<int64_t>(),
-          kept_count.data_ptr<int64_t>(), limit, post_nms_top_n, out_boxes.data_ptr<S>(), out_scores.data_ptr<O>(),
-          counts.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<merge_kernel<S, O>>(static_cast<unsigned>(segments), kThreads, 0, boxes.data_ptr<S>(),
+                                 scores.data_ptr<O>(), levels, kept.data_ptr<int64_t>(),
+                                 kept_count.data_ptr<int64_t>(), limit, post_nms_top_n, out_boxes.data_ptr<S>(),
+                                 out_scores.data_ptr<O>(), counts.data_ptr<int64_t>());
     });
   });
   return {out_boxes, out_scores, counts};
@@ -358,15 +360,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> generate_proposals(
   std::vector<at::Tensor> image_boxes, image_scores;
   for (int64_t b = 0; b < boxes.size(0); ++b) {
     const int64_t count = host_counts.data_ptr<int64_t>()[b];
-    image_boxes.push_back(boxes[b].narrow(0, 0, count));
-    image_scores.push_back(scores[b].narrow(0, 0, count));
+    // Copies, not views of the padded outputs: the schema promises outputs that alias nothing (torch.compile
+    // and functionalization rely on it), as the CPU kernel's are.
+    image_boxes.push_back(boxes[b].narrow(0, 0, count).clone());
+    image_scores.push_back(scores[b].narrow(0, 0, count).clone());
   }
   return {image_boxes, image_scores};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rpn_ops, CUDA, m) {
+RPN_OPS_CUDA_KERNELS(m) {
   m.impl("generate_proposals", TORCH_FN(generate_proposals));
   m.impl("generate_proposals_padded", TORCH_FN(padded_proposals));
 }

@@ -1,0 +1,290 @@
+"""The emulated CUDA device of the tests: csrc/cuda/ compiled for the CPU against csrc/emulator/ (the CUDA
+execution model on fibers), loaded as torch.ops.rpn_ops_emulated next to rpn_ops.
+
+`EmulatedCuda()` is a dispatch mode that sends every call of a `torch.ops.rpn_ops` operator on CPU tensors to
+its emulated CUDA kernel instead, run once per emulator setting in RUNS (thread orders and sizing presets), and
+checks each run against the CPU kernel on the same inputs: the same outputs to the bit (or the same error),
+with the one difference the README documents (decode divides by a weight by multiplying by its reciprocal, as
+PyTorch's CUDA kernels do). The tests' `device` fixture uses it for its third device, "emulated".
+
+The module is built on first use into build/emulated/ (ninja rebuilds only what changed). With
+RPN_OPS_EMULATOR_ASAN=1 it is the AddressSanitizer build, in build/emulated-asan/, whose runtime must be preloaded
+(test_emulator.py runs the emulated tests that way, in a subprocess).
+"""
+import contextlib
+import functools
+import glob
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
+from torch.utils._pytree import tree_flatten
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(REPO_ROOT, "csrc")
+NAMESPACE = "rpn_ops_emulated"
+ASAN = os.environ.get("RPN_OPS_EMULATOR_ASAN") == "1"
+
+# Every sizing constant at its smallest useful value: small inputs take the large-input paths (NMS mask in
+# chunks of 64 rows with `removed` in global memory, grid-stride loops, tiles of 8 ground-truth boxes, ...).
+SMALL_SIZINGS = {
+    "launch.cuh:kMaxBlocks": 2,
+    "box_iou.cu:kMaxTileBlocks": 3,
+    "box_coding.cu:kLevelsPerLaunch": 2,
+    "nms.cu:kMaskBudgetBytes": 8,
+    "nms.cu:kMaxSharedRemovedWords": 1,
+    "matching.cu:kTileBoxes": 8,
+    "matching.cu:kMaxImagesPerGrid": 2,
+    "proposals.cu:kImagesPerLaunch": 2,
+    "proposals.cu:kSegmentsPerLaunch": 3,
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One emulator setting an emulated call runs under."""
+
+    order: str  # "forward", "reverse" or "random"
+    seed: int = 0
+    small_sizings: bool = False
+
+    def __str__(self) -> str:
+        order = f"random({self.seed})" if self.order == "random" else self.order
+        return f"{order} order, {'small' if self.small_sizings else 'default'} sizings"
+
+
+# Every emulated call runs twice: threads (and blocks) in forward order with the default sizes, then in reverse
+# order with the small sizes. RPN_OPS_EMULATOR_SEEDS="1,2" adds random orders (small sizes) with those seeds.
+RUNS = (Run("forward"), Run("reverse", small_sizings=True)) + tuple(
+    Run("random", int(seed), small_sizings=True)
+    for seed in os.environ.get("RPN_OPS_EMULATOR_SEEDS", "").split(",") if seed.strip())
+
+
+def sources() -> list:
+    """The emulated module's C++ sources: the schema and check files, the emulator, and a .cpp per .cu file
+    (written into the build folder) that includes it."""
+    wrappers = []
+    for cu in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))):
+        wrapper = os.path.join(build_directory(), "cuda_" + os.path.basename(cu)[:-3] + ".cpp")
+        text = f'// The CUDA kernels of {os.path.basename(cu)}, compiled for the CUDA emulator.\n#include "{cu}"\n'
+        if not os.path.exists(wrapper) or open(wrapper).read() != text:
+            with open(wrapper, "w") as f:
+                f.write(text)
+        wrappers.append(wrapper)
+    schemas = [f for f in sorted(glob.glob(os.path.join(CSRC, "*.cpp"))) if os.path.basename(f) != "module.cpp"]
+    emulator = sorted(glob.glob(os.path.join(CSRC, "emulator", "*.cpp")))
+    return schemas + emulator + wrappers
+
+
+def build_directory() -> str:
+    folder = os.path.join(REPO_ROOT, "build", "emulated-asan" if ASAN else "emulated")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def compile_flags() -> list:
+    flags = ["-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-DRPN_OPS_EMULATED_CUDA",
+             f"-DRPN_OPS_NAMESPACE={NAMESPACE}"]
+    if ASAN:
+        return flags + ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]
+    return flags + ["-O2", "-g"]
+
+
+@functools.lru_cache(maxsize=None)
+def module():
+    """The emulated module (its import registers torch.ops.rpn_ops_emulated)."""
+    from torch.utils.cpp_extension import load
+
+    return load(name="rpn_ops_emulated_asan" if ASAN else "rpn_ops_emulated", sources=sources(),
+                extra_cflags=compile_flags(), extra_ldflags=["-fsanitize=address"] if ASAN else [],
+                extra_include_paths=[CSRC], build_directory=build_directory(),
+                verbose=os.environ.get("RPN_OPS_EMULATOR_VERBOSE") == "1")
+
+
+@contextlib.contextmanager
+def settings(run: Run) -> Iterator[None]:
+    """The emulator set to `run` for the duration."""
+    m = module()
+    previous_order = m.thread_order()
+    m.set_thread_order(run.order, run.seed)
+    if run.small_sizings:
+        for name, value in SMALL_SIZINGS.items():
+            m.set_sizing(name, value)
+    try:
+        yield
+    finally:
+        m.reset_sizings()
+        m.set_thread_order(previous_order, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Redirection and comparison
+
+
+def _emulated_overload(func):
+    """The emulated twin of an rpn_ops operator that has a CUDA kernel, else None."""
+    if func.namespace != "rpn_ops" or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CUDA"):
+        return None
+    module()
+    name = func._schema.name.split("::")[1]
+    assert hasattr(getattr(torch.ops, NAMESPACE), name), f"the emulated module has no kernel for {func.name()}"
+    return getattr(getattr(getattr(torch.ops, NAMESPACE), name), func._overloadname)
+
+
+def _same_bits(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal dtypes, shapes and bits; a NaN equals any NaN (its sign and payload are not specified)."""
+    if got.dtype != expected.dtype or got.shape != expected.shape:
+        return False
+    if got.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+        nan = got.isnan()
+        same = (got.contiguous().view(bits) == expected.contiguous().view(bits)) | (nan & expected.isnan())
+        return bool(same.all())
+    return torch.equal(got, expected)
+
+
+def assert_same_outputs(got, expected, what: str) -> None:
+    """The emulated outputs equal the CPU kernel's to the bit: dtypes, shapes and values, in the same structure."""
+    got_leaves, got_spec = tree_flatten(got)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    assert got_spec == expected_spec, f"{what}: output structure {got_spec} != the CPU kernel's {expected_spec}"
+    for i, (g, e) in enumerate(zip(got_leaves, expected_leaves)):
+        if isinstance(e, torch.Tensor):
+            assert isinstance(g, torch.Tensor) and g.device.type == "cpu", f"{what}: output {i} is {g!r}"
+            if not _same_bits(g, e):
+                raise AssertionError(f"{what}: output {i} differs from the CPU kernel's: {_difference(g, e)}")
+        else:
+            assert g == e, f"{what}: output {i} is {g!r}, the CPU kernel's {e!r}"
+
+
+def _difference(got: torch.Tensor, expected: torch.Tensor) -> str:
+    if got.dtype != expected.dtype or got.shape != expected.shape:
+        return f"{got.dtype} {tuple(got.shape)} against {expected.dtype} {tuple(expected.shape)}"
+    differ = got != expected
+    if got.is_floating_point():
+        both_nan = got.isnan() & expected.isnan()
+        differ = (differ & ~both_nan) | ((got.signbit() != expected.signbit()) & ~both_nan)
+    where = torch.nonzero(differ)
+    first = tuple(where[0].tolist()) if len(where) else ()
+    return (f"{len(where)} of {got.numel()} values, first at {list(first)}: "
+            f"{got[first].tolist() if first else ''} against {expected[first].tolist() if first else ''}")
+
+
+def cuda_divided_codes(rel_codes: torch.Tensor, weights) -> torch.Tensor:
+    """`rel_codes` (4 per box and class) divided by the weights as PyTorch's CUDA kernel divides by a Python
+    scalar: multiplied by float(1 / weight), computed in opmath, rounded to the codes' dtype."""
+    opmath = torch.float64 if rel_codes.dtype == torch.float64 else torch.float32
+    reciprocals = torch.tensor(list(weights), dtype=opmath).reciprocal()
+    codes = rel_codes.unflatten(-1, (-1, 4)).to(opmath) * reciprocals
+    return codes.to(rel_codes.dtype).flatten(-2)
+
+
+def _powers_of_two(weights) -> bool:
+    return all(w > 0 and math.frexp(w)[0] == 0.5 for w in weights)
+
+
+def _cpu_twin_call(func, args, kwargs):
+    """The CPU kernel's call that computes what the CUDA kernel does. decode_boxes divides a code by its weight
+    by multiplying with the reciprocal on CUDA, as PyTorch's CUDA kernel does (the README's one difference): its
+    twin is the CPU kernel on cuda_divided_codes with weights of 1."""
+    valid_weights = func._schema.name.endswith("::decode_boxes") and all(0 < w < math.inf for w in args[2])
+    if valid_weights and not _powers_of_two(args[2]):
+        rel_codes, boxes, weights = args[:3]
+        return (cuda_divided_codes(rel_codes, weights), boxes, [1.0] * 4) + tuple(args[3:]), kwargs
+    return args, kwargs
+
+
+def _on_plain_cpu_tensors(args, kwargs) -> bool:
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
+
+
+_TRUE_DIVISIONS = {torch.ops.aten.div.Tensor, torch.ops.aten.div_.Tensor, torch.ops.aten.div.Scalar,
+                   torch.ops.aten.div_.Scalar}
+
+
+def _cuda_true_division(func, a, b):
+    """a / b as PyTorch's CUDA kernel computes it. A tensor divided by a number (or a 0-dim tensor, which on CUDA
+    is a CPU scalar) is multiplied by the reciprocal, computed in opmath (float32 for float16 / bfloat16 /
+    float32); anything else divides as on the CPU. torchvision's BoxCoder divides codes by its weights this way,
+    which is why rpn_ops' CUDA decode does too."""
+    divisor_is_scalar = not isinstance(b, torch.Tensor) or (b.dim() == 0 and a.dim() > 0)
+    dtype = torch.result_type(a, b)
+    if not divisor_is_scalar or not dtype.is_floating_point:
+        return func(a, b)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    divisor = b.to(opmath) if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=opmath)
+    quotient = (a.to(opmath) * divisor.reciprocal()).to(dtype)
+    if func in (torch.ops.aten.div_.Tensor, torch.ops.aten.div_.Scalar):
+        return a.copy_(quotient)
+    return quotient
+
+
+def _call(op, args, kwargs) -> Tuple[object, Optional[BaseException]]:
+    try:
+        return op(*args, **kwargs), None
+    except Exception as error:  # noqa: BLE001  (compared with the other kernel's error)
+        return None, error
+
+
+class EmulatedCuda(TorchDispatchMode):
+    """Runs `torch.ops.rpn_ops` operators on their emulated CUDA kernels (see the module docstring)."""
+
+    def __enter__(self):
+        module()  # built and loaded before the first operator call
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not _on_plain_cpu_tensors(args, kwargs):  # fake or meta tensors: tracing, not running
+            return func(*args, **kwargs)
+        if func in _TRUE_DIVISIONS:
+            return _cuda_true_division(func, *args, **kwargs)
+        emulated = _emulated_overload(func)
+        if emulated is None:
+            return func(*args, **kwargs)
+        expected, expected_error = _call(func, *_cpu_twin_call(func, args, kwargs))
+        result = None
+        for run in RUNS:
+            with settings(run):
+                got, error = _call(emulated, args, kwargs)
+            what = f"emulated CUDA {func._schema.name} ({run})"
+            if expected_error is not None or error is not None:
+                if error is not None and expected_error is None:
+                    raise AssertionError(f"{what} raised where the CPU kernel did not: {error}") from error
+                assert error is not None, f"{what} did not raise; the CPU kernel raised {expected_error!r}"
+                assert type(error) is type(expected_error) and _message(error) == _message(expected_error), (
+                    f"{what} raised {type(error).__name__}: {_message(error)!r}; the CPU kernel raised "
+                    f"{type(expected_error).__name__}: {_message(expected_error)!r}")
+                continue
+            assert_same_outputs(got, expected, what)
+            result = got
+        if expected_error is not None:
+            raise expected_error
+        return result
+
+
+def _message(error: BaseException) -> str:
+    return str(error).split("\nException raised from")[0].strip()
+
+
+def kernel_runs() -> Dict[str, Tuple[int, int, int]]:
+    return dict(module().kernel_runs())
+
+
+def active() -> bool:
+    """Whether the rpn_ops operators run on the emulated CUDA device right now."""
+    return isinstance(_get_current_dispatch_mode(), EmulatedCuda)
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """The CPU kernels for the duration, where the emulated device is active."""
+    if not active():
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
