@@ -239,6 +239,7 @@ def test_asan_catches_accesses_past_the_end(asan_build, name):
 def test_the_emulated_tests_of_every_op_are_clean_under_asan(asan_build):
     """The emulated tests of every op again, with the AddressSanitizer build: no read or write past the end of a
     tensor or of shared memory, in any kernel."""
-    done = run_under_asan(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0", "-m", "emulated",
-                           "-k", "not asan", *[os.path.join("tests", f) for f in ASAN_FILES]], 1800)
+    # --capture=sys: AddressSanitizer writes its report to file descriptor 2, which must reach our stderr.
+    done = run_under_asan(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0", "--capture=sys", "-m",
+                           "emulated", "-k", "not asan", *[os.path.join("tests", f) for f in ASAN_FILES]], 1800)
     assert done.returncode == 0 and "AddressSanitizer" not in done.stderr, (done.stdout[-4000:], done.stderr[-4000:])
