@@ -4,7 +4,7 @@ Inputs come from `rpn_ops.workloads` (the generators the tests use too): cluster
 ground-truth-like boxes, random categories.
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -35,6 +35,7 @@ class Workload:
     torchvision: Callable
     reference: Optional[Callable]  # None where it would take too long
     quick: bool = False  # part of the --quick ladder
+    full_only: bool = False  # part of the --full ladder only (the default run keeps the most telling rows)
     slow_torchvision_cpu: bool = False  # torchvision's CPU call takes seconds to a minute
     scores_arg: Optional[int] = None  # position of the scores among the inputs (NMS ops)
     size: int = 0  # the problem size: the x axis of the plots
@@ -369,38 +370,47 @@ def model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("
         series=mode, devices=devices, min_runs=3)
 
 
+def _full_only(workload: Workload, full_only: bool = True) -> Workload:
+    return replace(workload, full_only=full_only)
+
+
 WORKLOADS: List[Workload] = [
-    *(nms_workload(n, quick=n <= 5_000) for n in (1_000, 5_000, 20_000, 100_000)),
-    *(nms_workload(n, max_output=1000) for n in (20_000, 100_000)),
-    *(batched_nms_workload(n, classes, quick=n == 1_000 and classes == 80)
+    *(_full_only(nms_workload(n, quick=n <= 5_000), n > 20_000) for n in (1_000, 5_000, 20_000, 100_000)),
+    *(_full_only(nms_workload(n, max_output=1000), n > 20_000) for n in (20_000, 100_000)),
+    *(_full_only(batched_nms_workload(n, classes, quick=n == 1_000 and classes == 80), n > 20_000 or classes == 5)
       for classes in (80, 5) for n in (1_000, 5_000, 20_000, 100_000)),
     box_iou_workload(2_000, 2_000, quick=True),
     box_iou_workload(200_000, 50),
     anchors_workload(2, quick=True),
     anchors_workload(8),
     decode_workload(2, quick=True),
-    decode_workload(8),
+    _full_only(decode_workload(8)),
     encode_workload(2),
-    encode_workload(8),
-    *(assign_workload(images, gt, quick=images == 2 and gt == 50) for images in (2, 8) for gt in (10, 50, 500)),
-    *(proposals_workload(images, top_n, quick=images == 2 and top_n == 1000) for images in (2, 8)
-      for top_n in (1000, 2000)),
-    *(rpn_workload(2, training, with_head) for with_head in (True, False) for training in (False, True)),
+    _full_only(encode_workload(8)),
+    *(_full_only(assign_workload(images, gt, quick=images == 2 and gt == 50), images == 8 or gt == 500)
+      for images in (2, 8) for gt in (10, 50, 500)),
+    *(_full_only(proposals_workload(images, top_n, quick=images == 2 and top_n == 1000), images == 8)
+      for images in (2, 8) for top_n in (1000, 2000)),
+    *(_full_only(rpn_workload(2, training, with_head), with_head) for with_head in (True, False)
+      for training in (False, True)),
     *(rpn_workload(2, training, with_head=False, fused=True) for training in (False, True)),
     *(rpn_workload(8, training, with_head, devices=("cuda",)) for with_head in (True, False)
       for training in (False, True)),
     *(rpn_workload(8, training, with_head=False, fused=True, devices=("cuda",)) for training in (False, True)),
-    *(model_workload(2, training) for training in (False, True)),
+    *(_full_only(model_workload(2, training)) for training in (False, True)),
     *(model_workload(8, training, devices=("cuda",)) for training in (False, True)),
 ]
 
 
-def select(ops: Optional[str] = None, quick: bool = False, device: Optional[str] = None) -> List[Workload]:
+def select(ops: Optional[str] = None, quick: bool = False, device: Optional[str] = None,
+           full: bool = False) -> List[Workload]:
     """The workloads whose name contains one of the comma-separated substrings in ``ops`` (all if None), of
-    the --quick ladder if ``quick``, that run on ``device`` (a device type; any if None)."""
+    the --quick ladder if ``quick``, else of the default ladder unless ``full``, that run on ``device`` (a
+    device type; any if None)."""
     wanted = [part.strip() for part in ops.split(",") if part.strip()] if ops else []
     return [w for w in WORKLOADS
-            if (not quick or w.quick) and (not wanted or any(part in w.name for part in wanted))
+            if (w.quick if quick else full or not w.full_only)
+            and (not wanted or any(part in w.name for part in wanted))
             and (device is None or device in w.devices)]
 
 

@@ -77,3 +77,28 @@ def readme_table(report: dict) -> str:
         rows.append(f"| {r['op']} | {r['label']} | {ms(r, 'ours')} | {ms(r, 'torchvision')} | {ms(r, 'reference')} | "
                     + (f"**{speedup:.1f}x** |" if speedup else "- |"))
     return "\n".join(rows)
+
+
+def readme_load_table(quiet: dict, loaded: dict) -> str:
+    """The README's busy-machine table: per workload of the ``--load`` run, ours and torchvision on the quiet
+    machine, then ours (default threads and one thread) and torchvision next to the busy processes."""
+    def ms(result, impl):
+        median = None if result is None else _median(result, impl)
+        return "-" if median is None else f"{median:.3g}" if median < 100 else f"{median:.0f}"
+
+    def ratio(result, other):
+        value = None if result is None else result.get("speedup", {}).get(other)
+        return "-" if value is None else f"{value:.1f}x"
+
+    load = loaded["settings"].get("load")
+    quiet_results = {(r["workload"], r["device"]): r for r in quiet["results"]}
+    rows = [f"| op | workload | quiet: rpn_ops ms | quiet: torchvision ms | {load} busy: rpn_ops ms | "
+            f"{load} busy: rpn_ops 1 thread ms | {load} busy: torchvision ms | busy: vs torchvision | "
+            "busy: 1 thread / default |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in loaded["results"]:
+        q = quiet_results.get((r["workload"], r["device"]))
+        rows.append(f"| {r['op']} | {r['label']} | {ms(q, 'ours')} | {ms(q, 'torchvision')} | {ms(r, 'ours')} | "
+                    f"{ms(r, 'ours_1_thread')} | {ms(r, 'torchvision')} | {ratio(r, 'torchvision')} | "
+                    f"{ratio(r, 'ours_1_thread')} |")
+    return "\n".join(rows)

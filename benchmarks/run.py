@@ -1,13 +1,14 @@
 """Times rpn_ops against torchvision and the plain-PyTorch reference; checks that the answers agree.
 
-    python -m benchmarks.run [--device auto|cpu|cuda] [--quick] [--ops nms-20k,box_iou] [--repeat N]
-                             [--budget SECONDS] [--rotate K] [--out DIR] [--no-plots] [--strict]
+    python -m benchmarks.run [--device auto|cpu|cuda] [--quick | --full] [--ops nms-20k,box_iou] [--load K]
+                             [--repeat N] [--budget SECONDS] [--rotate K] [--out DIR] [--no-plots] [--strict]
     python -m benchmarks.run --compare OLD/results.json NEW/results.json [--threshold 0.1] [--strict]
 
 Writes DIR/results.json (every sample and the environment), DIR/results.md and DIR/plot-<op>.png; prints the
 table.
 """
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -29,6 +30,28 @@ from benchmarks.plots import write_plots
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WARMUP_CALLS = 3
+ONE_THREAD = "ours_1_thread"  # ours with torch.set_num_threads(1), timed with --load
+BUSY_LOOP = """
+import os, sys, time
+parent, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while os.getppid() == parent and time.monotonic() < deadline:
+    for _ in range(100_000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_processes(count: int, max_seconds: float):
+    """``count`` processes that keep a core busy each, as other work on a user's machine does. Each stops by
+    itself after ``max_seconds`` or when this process is gone, and is killed when the block ends."""
+    processes = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid()), str(max_seconds)])
+                 for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def time_call(fn, inputs, device: torch.device):
@@ -126,27 +149,42 @@ def summary(samples):
                 max_ms=max(samples), runs=len(samples), samples_ms=samples)
 
 
-def run_workload(workload, device, repeat, budget_s, rotate=1, progress=None):
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_workload(workload, device, repeat, budget_s, rotate=1, progress=None, one_thread_too=False):
+    """Times every implementation of ``workload``; with ``one_thread_too`` also ours with one torch thread
+    (timings["ours_1_thread"]), which shows what the threads give, or cost on a busy machine."""
     input_sets = [workload.make_inputs(device) for _ in range(max(1, rotate))]
     inputs = input_sets[0]
     outputs, timings = {}, {}
-    for impl in IMPLEMENTATIONS:
-        fn = getattr(workload, impl)
+    runs = [(impl, getattr(workload, impl), contextlib.nullcontext) for impl in IMPLEMENTATIONS]
+    if one_thread_too:
+        runs.insert(1, (ONE_THREAD, workload.ours, lambda: torch_threads(1)))
+    for impl, fn, threads in runs:
         if fn is None:
             timings[impl] = None
             continue
         if progress:
             progress.step(f"{workload.name}: {impl}")
         try:
-            outputs[impl], samples = measure(fn, input_sets, device, repeat, budget_s, workload.min_runs)
-            peak = peak_extra_mib(fn, inputs, device) if samples[0] < budget_s * 1e3 else None
+            with threads():
+                outputs[impl], samples = measure(fn, input_sets, device, repeat, budget_s, workload.min_runs)
+                peak = peak_extra_mib(fn, inputs, device) if samples[0] < budget_s * 1e3 else None
         except Exception as error:  # an op missing on this device must not stop the suite
             timings[impl] = dict(error=f"{type(error).__name__}: {error}")
             continue
         timings[impl] = summary(samples)
         timings[impl]["peak_extra_mib"] = peak
     checks, speedups = {}, {}
-    for other in ("torchvision", "reference"):
+    for other in ("torchvision", "reference", ONE_THREAD):
         if "ours" in outputs and other in outputs:
             checks[other] = parity(workload, outputs["ours"], outputs[other], inputs)
             if checks[other] != "MISMATCH":
@@ -227,15 +265,20 @@ def _speedup(result, other):
 
 
 def _parity(result):
-    return ", ".join(f"{other} {check}" for other, check in result["parity"].items()) or "not checked"
+    return ", ".join(f"{other.replace('_', ' ')} {check}" for other, check in result["parity"].items()) \
+        or "not checked"
 
 
 def summary_table(results):
-    header = ["op", "workload", "device", "ours ms", "torchvision ms", "reference ms", "vs torchvision",
-              "vs reference", "ours peak MiB", "torchvision peak MiB", "parity"]
-    rows = [[r["op"], r["label"], r["device"], *(_ms(r["timings"][impl]) for impl in IMPLEMENTATIONS),
-             _speedup(r, "torchvision"), _speedup(r, "reference"), _mib(r["timings"]["ours"]),
-             _mib(r["timings"]["torchvision"]),
+    one_thread = any(r["timings"].get(ONE_THREAD) for r in results)
+    header = ["op", "workload", "device", "ours ms", *(["ours 1 thread ms"] if one_thread else []), "torchvision ms",
+              "reference ms", "vs torchvision", "vs reference", *(["vs 1 thread"] if one_thread else []),
+              "ours peak MiB", "torchvision peak MiB", "parity"]
+    rows = [[r["op"], r["label"], r["device"], _ms(r["timings"]["ours"]),
+             *([_ms(r["timings"].get(ONE_THREAD))] if one_thread else []),
+             _ms(r["timings"]["torchvision"]), _ms(r["timings"]["reference"]), _speedup(r, "torchvision"),
+             _speedup(r, "reference"), *([_speedup(r, ONE_THREAD)] if one_thread else []),
+             _mib(r["timings"]["ours"]), _mib(r["timings"]["torchvision"]),
              ("!! " if "MISMATCH" in r["parity"].values() else "") + _parity(r)] for r in results]
     return table(rows, header)
 
@@ -263,9 +306,11 @@ def markdown(report):
         f"{machine}; torch {env['torch']}, torchvision {env['torchvision']}, CUDA {env['torch_cuda']}; "
         f"rpn_ops {env['rpn_ops']} (cpu_isa {build.get('cpu_isa')}, cuda {build.get('cuda')}), "
         f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}; {env['date']}; "
-        f"load average {_load(env['load_average'])} before, {_load(settings.get('load_average_after'))} after",
-        "Medians in milliseconds; speedup = their median / ours, given only where the outputs agree; peak MiB = "
-        "memory one call needs beyond what was in use before it (output included; CPU: resident memory).",
+        f"load average {_load(env['load_average'])} before, {_load(settings.get('load_average_after'))} after"
+        + (f"; timed next to {settings['load']} busy processes (--load)" if settings.get("load") else ""),
+        "Medians in milliseconds; speedup = their median / ours, given only where the outputs agree (vs 1 thread: "
+        "ours with one torch thread / ours with the default count); peak MiB = memory one call needs beyond what "
+        "was in use before it (output included; CPU: resident memory).",
         summary_table(report["results"]),
         *[f"![{Path(plot).stem}]({Path(plot).name})" for plot in report.get("plots", [])],
         "## Samples",
@@ -276,11 +321,17 @@ def markdown(report):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="the small ladder (CI, smoke tests)")
+    ladder = parser.add_mutually_exclusive_group()
+    ladder.add_argument("--quick", action="store_true", help="the small ladder (CI, smoke tests)")
+    ladder.add_argument("--full", action="store_true", help="the whole ladder: 100k boxes, batch 8, 500 GT boxes, "
+                        "whole-model steps (the default run keeps the most telling rows)")
     parser.add_argument("--ops", help="comma-separated substrings of workload names, e.g. nms-20k,box_iou")
     parser.add_argument("--repeat", type=int, default=30, help="most timed calls per implementation")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per implementation and workload "
                         "(default 2, 0.5 with --quick); a slower first call is the only sample")
+    parser.add_argument("--load", type=int, default=0, metavar="K",
+                        help="time next to K busy processes (other work on the machine), and time ours with one "
+                        "torch thread too")
     parser.add_argument("--rotate", type=int, default=3, help="input sets (equal values, separate memory) that "
                         "successive calls take in turn, so caches do not flatter repeated calls (default 3)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
@@ -291,13 +342,16 @@ def parse_args(argv):
     parser.add_argument("--list", action="store_true", help="list the selected workloads and exit")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
                         help="compare two results.json files instead of running")
-    parser.add_argument("--readme-table", type=Path, metavar="RESULTS_JSON",
-                        help="print the README's results table for a results.json and exit")
+    parser.add_argument("--readme-table", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="print the README's results table for a results.json and exit; given a quiet run "
+                        "and a --load run, the README's busy-machine table of the two")
     parser.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
                         help="redraw the plots of a results.json next to it and exit")
     parser.add_argument("--threshold", type=float, default=0.1,
                         help="with --compare: a change beyond this fraction is reported (default 0.1)")
     args = parser.parse_args(argv)
+    if args.load < 0:
+        parser.error(f"--load: a number of busy processes, 0 or more; got {args.load}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     args.budget = args.budget if args.budget is not None else 0.5 if args.quick else 2.0
@@ -331,7 +385,10 @@ def main(argv=None):
             print(f"wrote {path}")
         return 0
     if args.readme_table:
-        print(compare.readme_table(compare.load(args.readme_table)))
+        reports = [compare.load(path) for path in args.readme_table]
+        if len(reports) > 2 or len(reports) == 2 and not reports[1]["settings"].get("load"):
+            raise SystemExit("--readme-table: a results.json, or a quiet run's and a --load run's")
+        print(compare.readme_table(reports[0]) if len(reports) == 1 else compare.readme_load_table(*reports))
         return 0
     if args.compare:
         text, regressions = compare.report_text(*args.compare, args.threshold, table)
@@ -339,23 +396,26 @@ def main(argv=None):
         return 1 if regressions and args.strict else 0
     device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                           else "cpu")
-    workloads = select(args.ops, args.quick, device.type)
+    workloads = select(args.ops, args.quick, device.type, full=args.full)
     if args.list or not workloads:
         print("\n".join(f"{w.name}: {w.op}, {w.label}" for w in workloads) or "no workload matches --ops")
         return 0
     report = dict(environment=environment(device),
-                  settings=dict(device=str(device), quick=args.quick, ops=args.ops, repeat=args.repeat,
-                                budget_s=args.budget, warmup_calls=WARMUP_CALLS),
+                  settings=dict(device=str(device), quick=args.quick, full=args.full, ops=args.ops,
+                                repeat=args.repeat, budget_s=args.budget, warmup_calls=WARMUP_CALLS, load=args.load),
                   results=[])
     report["settings"]["rotate"] = args.rotate
     started = time.perf_counter()
-    progress = Progress(sum(1 for w in workloads for impl in IMPLEMENTATIONS if getattr(w, impl) is not None))
+    progress = Progress(sum(1 for w in workloads for impl in IMPLEMENTATIONS if getattr(w, impl) is not None)
+                        + (len(workloads) if args.load else 0))
     try:
-        for workload in workloads:
-            report["results"].append(run_workload(workload, device, args.repeat, args.budget, args.rotate, progress))
-            mismatch = "MISMATCH" in report["results"][-1]["parity"].values()
-            if mismatch or not progress.tty:
-                print(f"{'!! ' if mismatch else ''}{workload.name}: {_parity(report['results'][-1])}", flush=True)
+        with busy_processes(args.load, max_seconds=4 * 3600):
+            for workload in workloads:
+                report["results"].append(run_workload(workload, device, args.repeat, args.budget, args.rotate,
+                                                      progress, one_thread_too=args.load > 0))
+                mismatch = "MISMATCH" in report["results"][-1]["parity"].values()
+                if mismatch or not progress.tty:
+                    print(f"{'!! ' if mismatch else ''}{workload.name}: {_parity(report['results'][-1])}", flush=True)
     except KeyboardInterrupt:  # Ctrl-C, or a time limit (.ci/gpu): keep the workloads measured so far
         report["settings"]["interrupted"] = True
         print(f"\ninterrupted: {len(report['results'])} of {len(workloads)} workloads measured", flush=True)

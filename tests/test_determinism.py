@@ -1,6 +1,7 @@
-"""Same inputs, same outputs: whatever the CPU thread count, call after call, and from several Python
-threads at once (the CPU loops run on PyTorch's OpenMP threads; box coding calls PyTorch's exp / log from
-inside them)."""
+"""Same inputs, same outputs: whatever the CPU thread count, whichever way the CPU kernels share their work
+(on an idle machine through PyTorch's OpenMP threads, on a busy one with helpers from its inter-op pool:
+csrc/cpu/parallel.h), call after call, and from several Python threads at once (box coding calls PyTorch's
+exp / log from inside the threads)."""
 import concurrent.futures
 
 import pytest
@@ -34,6 +35,9 @@ def every_op(seed, device="cpu", small=False):
         "match_anchors": torch.cat(rpn_ops.match_anchors([gt, gt[:7]], anchors)),
         **{f"assign_targets {i}": torch.cat(outputs) for i, outputs in enumerate(rpn_ops.assign_targets(
             anchors, [gt, gt[:0]]))},
+        **{f"proposals {i}": torch.cat(outputs) for i, outputs in enumerate(rpn_ops.generate_proposals(
+            workloads.box_deltas(2 * len(anchors[0]), 1, seed=seed, device=device)[:, :1], codes.reshape(-1, 4),
+            anchors, images.image_sizes, [f.shape[-2] * f.shape[-1] * 3 for f in features], 500, 300))},
     }
 
 
@@ -52,12 +56,41 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["idle", "busy"])
+def machine(request):
+    """The CPU kernels share their work as they do on an idle or on a busy machine, whatever this one is."""
+    torch.ops.rpn_ops._set_cpu_threading(request.param)
+    yield request.param
+    torch.ops.rpn_ops._set_cpu_threading("auto")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_cpu_results_do_not_depend_on_the_thread_count(restore_threads, threads):
+def test_cpu_results_do_not_depend_on_the_thread_count(restore_threads, machine, threads):
     torch.set_num_threads(1)
     expected = every_op(seed=1)
     torch.set_num_threads(threads)
     assert_same(every_op(seed=1), expected)
+
+
+def test_a_bad_box_found_by_the_threads_is_reported_and_leaves_them_working(restore_threads, machine):
+    torch.set_num_threads(2)
+    images, features = workloads.fpn_batch(2, (512, 640))
+    anchors = rpn_ops.AnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS)(images, features)
+    gt = workloads.gt_boxes(40, seed=0)
+    broken = [a.clone() for a in anchors]
+    broken[1][-1, 2] = float("nan")  # in the last piece of the work
+    with pytest.raises(ValueError, match="anchors has a box with an infinite or NaN coordinate"):
+        rpn_ops.assign_targets(broken, [gt, gt])
+    torch.set_num_threads(1)
+    expected = rpn_ops.assign_targets(anchors, [gt, gt])
+    torch.set_num_threads(2)
+    for got, want in zip(rpn_ops.assign_targets(anchors, [gt, gt]), expected):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_the_threading_mode_is_checked():
+    with pytest.raises(RuntimeError, match="mode must be 'auto' .* got 'fast'"):
+        torch.ops.rpn_ops._set_cpu_threading("fast")
 
 
 def test_repeated_calls_give_identical_results(device):
@@ -66,7 +99,7 @@ def test_repeated_calls_give_identical_results(device):
         assert_same(every_op(seed=2, device=device, small=emulated()), first)
 
 
-def test_every_op_from_several_python_threads_at_once(device):
+def test_every_op_from_several_python_threads_at_once(device, machine):
     small = emulated()
     sequential = [every_op(seed, device, small) for seed in range(4)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
