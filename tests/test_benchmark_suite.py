@@ -97,6 +97,20 @@ def test_the_readme_table_is_the_recorded_run_it_names():
     assert report["environment"]["cpu"] in section  # the README names the machine
 
 
+def test_the_readme_busy_machine_table_is_the_two_recorded_runs_it_names():
+    """The busy-machine table is what `--readme-table QUIET LOADED` makes of the two runs the section names, and
+    the second one was timed next to busy processes."""
+    from benchmarks.compare import load, readme_load_table
+
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    section = readme[readme.index("### On a busy machine"):]
+    quiet_folder, loaded_folder = [part.split("/", 1)[0] for part in section.split("benchmarks/results/")[1:3]]
+    quiet, loaded = (load(os.path.join(REPO_ROOT, "benchmarks", "results", folder, "results.json"))
+                     for folder in (quiet_folder, loaded_folder))
+    assert loaded["settings"]["load"] >= 1 and not quiet["settings"].get("load")
+    assert readme_load_table(quiet, loaded) in section
+
+
 def test_replot_and_readme_table_read_a_recorded_run(quick_run, tmp_path):
     out, _ = quick_run
     (tmp_path / "results.json").write_text((out / "results.json").read_text())
