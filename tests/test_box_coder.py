@@ -222,8 +222,8 @@ def test_bad_input_is_rejected_with_a_clear_message():
         rpn_ops.decode_boxes(codes, boxes[:, :3], (1, 1, 1, 1))
     with pytest.raises(TypeError, match="rel_codes must be float16, bfloat16, float32 or float64, got Int"):
         rpn_ops.decode_boxes(codes.int(), boxes, (1, 1, 1, 1))
-    with pytest.raises(TypeError, match="boxes must be float16, bfloat16, float32 or float64, got Long"):
-        rpn_ops.decode_boxes(codes, boxes.long(), (1, 1, 1, 1))
+    with pytest.raises(TypeError, match="boxes must be float16, bfloat16, float32 or float64, got Bool"):
+        rpn_ops.decode_boxes(codes, boxes.bool(), (1, 1, 1, 1))
     with pytest.raises(ValueError, match="weights must hold 4 numbers"):
         rpn_ops.decode_boxes(codes, boxes, (1, 1, 1))
     with pytest.raises(ValueError, match="weights must be finite and > 0"):
