@@ -17,14 +17,16 @@ def _setup_inputs(ctx, inputs, output):
 
 
 def _gradients_through(function, tensors, arguments, grad_outputs):
-    """Gradients of `function(*tensors, *arguments)` (a tensor or a tuple of them) with respect to `tensors`."""
+    """Gradients of `function(*tensors, *arguments)` (a tensor or a tuple of them) with respect to `tensors`;
+    differentiable themselves when grad mode is on (a backward with create_graph=True: double backward)."""
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        leaves = tensors if create_graph else [t.detach().requires_grad_(t.requires_grad) for t in tensors]
         outputs = function(*leaves, *arguments)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = iter(torch.autograd.grad(outputs, wanted, [g.to(o.dtype) for g, o in zip(grad_outputs, outputs)],
-                                         allow_unused=True))
+                                         allow_unused=True, create_graph=create_graph))
     return tuple(next(grads) if leaf.requires_grad else None for leaf in leaves)
 
 

@@ -23,9 +23,18 @@ except ImportError:  # torch < 2.7: sizes are never unknown where rpn_ops asks
         return bool(condition)
 
 
+try:  # torch >= 2.6: set while torch.onnx.export(dynamo=True) runs
+    from torch.onnx._internal.exporter import _flags as _dynamo_onnx_export
+except ImportError:
+    _dynamo_onnx_export = None
+
+
 def exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export is running, with either exporter. torch.export's strict capture (dynamo), which the
+    default exporter falls back to, reads ``torch.onnx.is_in_onnx_export()`` as False, but reads the flag behind it."""
     if not torch.jit.is_scripting():
-        return torch.onnx.is_in_onnx_export()
+        return torch.onnx.is_in_onnx_export() or (
+            _dynamo_onnx_export is not None and _dynamo_onnx_export._is_onnx_exporting)
     return False
 
 

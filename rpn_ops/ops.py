@@ -12,7 +12,8 @@ from torch import Tensor
 from . import _autograd, _meta, _portable  # noqa: F401  (gradients, the fake kernels torch.compile uses, ONNX forms)
 
 _DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
-_BOX_FORMATS = ["xyxy", "xywh", "cxcywh"]
+_ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
+
 
 def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     """Pairwise intersection over union, as ``torchvision.ops.box_iou``.
@@ -20,7 +21,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     Args:
         boxes1: ``[..., N, 4]`` boxes.
         boxes2: ``[..., M, 4]`` boxes, on the same device; leading dimensions broadcast.
-        fmt: ``"xyxy"`` (``(x1, y1, x2, y2)``, the default), ``"xywh"`` or ``"cxcywh"``, as torchvision.
+        fmt: ``"xyxy"`` (``(x1, y1, x2, y2)``, the default), ``"xywh"`` or ``"cxcywh"``, as torchvision; its
+            rotated formats (``"cxcywhr"``, ``"xywhr"``, ``"xyxyxyxy"``) are computed by torchvision's kernel.
 
     Returns:
         ``[..., N, M]`` IoU. float16/bfloat16/float32 boxes of one dtype (or mixed among these) are computed in
@@ -29,12 +31,22 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         formats are computed with PyTorch's operators in torchvision's steps: its result and dtype (float32 for
         integers), to the bit.
     """
+    if not torch.jit.is_scripting() and fmt in _ROTATED_FORMATS:
+        return _box_iou_rotated(boxes1, boxes2, fmt)
     if fmt != "xyxy" or not _iou_kernel_takes(boxes1, boxes2) or (
             not torch.jit.is_scripting() and _portable.exporting_to_onnx()):
         return _box_iou_by_torch_ops(boxes1, boxes2, fmt)
     if boxes1.dtype != boxes2.dtype and boxes1.is_floating_point() and boxes2.is_floating_point():
         boxes1, boxes2 = boxes1.float(), boxes2.float()  # float16 / bfloat16 with float32: computed in float32 anyway
     return torch.ops.rpn_ops.box_iou(boxes1, boxes2)
+
+
+def _box_iou_rotated(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
+    from torchvision.ops.boxes import box_convert  # torchvision >= 0.29: its rotated IoU kernel
+
+    if fmt != "cxcywhr":
+        boxes1, boxes2 = box_convert(boxes1, fmt, "cxcywhr"), box_convert(boxes2, fmt, "cxcywhr")
+    return torch.ops.torchvision.box_iou_rotated(boxes1, boxes2)
 
 
 def _iou_kernel_takes(boxes1: Tensor, boxes2: Tensor) -> bool:
@@ -54,9 +66,8 @@ def _is_integer(t: Tensor) -> bool:
 def _box_iou_by_torch_ops(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
     """torchvision's box_iou step by step: areas and extents upcast (integers to int32 or int64, half precision to
     float32), the dtypes promoted as PyTorch promotes them, integer intersection and union divided as floats."""
-    if fmt not in _BOX_FORMATS:
-        raise ValueError(f"fmt must be 'xyxy', 'xywh' or 'cxcywh', got '{fmt}' (torchvision.ops.box_iou computes "
-                         "the rotated formats)")
+    if fmt != "xyxy" and fmt != "xywh" and fmt != "cxcywh":
+        raise ValueError(f"fmt must be 'xyxy', 'xywh' or 'cxcywh', got '{fmt}'")
     if fmt == "xyxy":
         lower1, upper1, lower2, upper2 = boxes1[..., :2], boxes1[..., 2:], boxes2[..., :2], boxes2[..., 2:]
     elif fmt == "xywh":

@@ -87,11 +87,23 @@ def generate_proposals(
         descending score. With ``padded=True``: ``[B, post_nms_top_n, 4]`` boxes, ``[B, post_nms_top_n]``
         scores (zeros past each image's count) and the ``[B]`` int64 counts.
     """
-    args = _proposal_args(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n,
-                          post_nms_top_n, nms_thresh, score_thresh, min_size)
     if padded:
-        return torch.ops.rpn_ops.generate_proposals_padded(*args)
-    boxes, scores = torch.ops.rpn_ops.generate_proposals(*args)
+        return torch.ops.rpn_ops.generate_proposals_padded(*_proposal_args(
+            objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+            nms_thresh, score_thresh, min_size))
+    return proposal_lists(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n,
+                          post_nms_top_n, nms_thresh, score_thresh, min_size)
+
+
+def proposal_lists(
+    objectness: Tensor, pred_bbox_deltas: Tensor, anchors: Union[Tensor, List[Tensor], AnchorGrid],
+    image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int], pre_nms_top_n: int, post_nms_top_n: int,
+    nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """``generate_proposals(..., padded=False)``, typed for TorchScript (one return type)."""
+    boxes, scores = torch.ops.rpn_ops.generate_proposals(*_proposal_args(
+        objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+        nms_thresh, score_thresh, min_size))
     return list(boxes), list(scores)
 
 

@@ -24,7 +24,7 @@ from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .matching import BalancedPositiveNegativeSampler, assign_targets
 from .ops import batched_nms, box_iou, nms
-from .proposals import generate_proposals
+from .proposals import proposal_lists
 
 _BOX_CODERS = (BoxCoder, tv_det_utils.BoxCoder)
 
@@ -222,11 +222,9 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
             boxes, scores = self._proposals_in_torchvision_order(
                 objectness, pred_bbox_deltas, anchors, images.image_sizes, num_anchors_per_level)
         else:
-            fused = generate_proposals(
+            boxes, scores = proposal_lists(
                 objectness, pred_bbox_deltas.detach(), anchors, images.image_sizes, num_anchors_per_level,
                 self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh, self.score_thresh, self.min_size)
-            assert torch.jit.isinstance(fused, Tuple[List[Tensor], List[Tensor]])
-            boxes, scores = fused
 
         losses: Dict[str, Tensor] = {}
         if self.training:

@@ -301,3 +301,12 @@ def test_cpu_autocast_matches_torchvision_under_autocast(dtype):
         expected = TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(codes, anchors)
         got = rpn_ops.decode_boxes(codes, anchors, (1.0, 1.0, 1.0, 1.0))
     assert_bits_equal(got, expected)
+
+
+def test_decode_of_integer_boxes_converts_them_as_torchvision(device):
+    """decode_single converts the reference boxes to the codes' dtype first, integer boxes included."""
+    boxes = anchors_like(200, seed=30).round().to(torch.int64)
+    codes = deltas(200, 1, seed=30)
+    expected = TorchvisionBoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(codes, boxes)
+    got = rpn_ops.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(codes.to(device), boxes.to(device))
+    assert_bits_equal(got.cpu(), expected)
