@@ -31,8 +31,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         formats are computed with PyTorch's operators in torchvision's steps: its result and dtype (float32 for
         integers), to the bit.
     """
-    if not torch.jit.is_scripting() and fmt in _ROTATED_FORMATS:
-        return _box_iou_rotated(boxes1, boxes2, fmt)
+    if not torch.jit.is_scripting():
+        if fmt in _ROTATED_FORMATS:
+            return _box_iou_rotated(boxes1, boxes2, fmt)
     if fmt != "xyxy" or not _iou_kernel_takes(boxes1, boxes2) or (
             not torch.jit.is_scripting() and _portable.exporting_to_onnx()):
         return _box_iou_by_torch_ops(boxes1, boxes2, fmt)
