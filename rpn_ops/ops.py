@@ -43,8 +43,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
 
 
 def _box_iou_rotated(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
-    from torchvision.ops.boxes import box_convert  # torchvision >= 0.29: its rotated IoU kernel
+    from torchvision.ops.boxes import box_convert
 
+    if not hasattr(torch.ops.torchvision, "box_iou_rotated"):
+        raise ValueError(f"fmt='{fmt}' (rotated boxes) needs torchvision >= 0.29, whose kernel computes it")
     if fmt != "cxcywhr":
         boxes1, boxes2 = box_convert(boxes1, fmt, "cxcywhr"), box_convert(boxes2, fmt, "cxcywhr")
     return torch.ops.torchvision.box_iou_rotated(boxes1, boxes2)

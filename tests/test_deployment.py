@@ -1,14 +1,12 @@
 """Deployment, for the ops and for patched torchvision models: TorchScript (script, save, load in a fresh process
-with the library alone), torch.jit.trace, torch.export (strict and non-strict), AOTInductor packages and ONNX
-(both exporters, run in onnxruntime). Each gives the eager results."""
+with the library alone), torch.jit.trace, torch.export (strict and non-strict) and AOTInductor packages. Each gives
+the eager results. ONNX: test_onnx.py."""
 import os
 import subprocess
 import sys
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
-import onnx
-import onnxruntime
 import pytest
 import torch
 import torchvision
@@ -270,74 +268,3 @@ def test_aoti_package_of_the_patched_faster_rcnn_gives_the_eager_detections(expo
         for got, expected in zip(loaded(images), model(images)):
             assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
             torch.testing.assert_close(got[1], expected[1])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ONNX
-# ---------------------------------------------------------------------------------------------------------
-
-def onnx_session(path):
-    graph = onnx.load(path)
-    domains = {node.domain for node in graph.graph.node}
-    assert domains <= {"", "ai.onnx"}, f"non-standard operators: {domains}"
-    return onnxruntime.InferenceSession(path)
-
-
-def run_onnx(session, *inputs):
-    return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
-
-
-class OpsForOnnx(nn.Module):
-    def forward(self, boxes: Tensor, scores: Tensor, idxs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        return (rpn_ops.nms(boxes, scores, 0.5), rpn_ops.batched_nms(boxes, scores, idxs, 0.5),
-                rpn_ops.box_iou(boxes, boxes[:5]))
-
-
-@pytest.mark.parametrize("dynamo", [False, True])
-def test_ops_export_to_standard_onnx_operators(dynamo, tmp_path):
-    boxes, scores = workloads.rpn_like_boxes(80, seed=6)
-    idxs = workloads.categories(80, 3, seed=6)
-    path = str(tmp_path / "ops.onnx")
-    torch.onnx.export(OpsForOnnx(), (boxes, scores, idxs), path, dynamo=dynamo)
-    got = run_onnx(onnx_session(path), boxes, scores, idxs)
-    for g, e in zip(got, OpsForOnnx()(boxes, scores, idxs)):
-        torch.testing.assert_close(torch.from_numpy(g), e)
-
-
-def assert_onnx_detections(got, expected):
-    """torchvision's ONNX tests' tolerance (rtol 1e-3, atol 1e-5); labels exactly."""
-    boxes, labels, scores = (torch.from_numpy(g) for g in got)
-    torch.testing.assert_close(boxes, expected["boxes"], rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(scores, expected["scores"], rtol=1e-3, atol=1e-5)
-    assert torch.equal(labels, expected["labels"])
-
-
-def test_patched_faster_rcnn_exports_to_onnx_with_the_legacy_exporter(tmp_path):
-    """As torchvision's ONNX tests export its models (dynamo=False, dynamic image sizes), then run an image of the
-    exported size and one of another size and shape. (A blank image, the third input of torchvision's tests,
-    gives a random model near-equal scores everywhere, whose order is left to rounding, for torchvision's
-    unpatched model too.)"""
-    model = tiny_faster_rcnn()
-    path = str(tmp_path / "model.onnx")
-    torch.onnx.export(model, (images_of((120, 150)),), path, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["boxes", "labels", "scores"],
-                      dynamic_axes={"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
-    session = onnx_session(path)
-    for images in (images_of((120, 150), seed=1), images_of((160, 110), seed=2)):
-        with torch.no_grad():
-            expected = model(images)[0]
-        assert_onnx_detections(run_onnx(session, images[0]), expected)
-
-
-def test_patched_faster_rcnn_exports_to_onnx_with_the_default_exporter(tmp_path):
-    """torch.onnx.export's default (dynamo) exporter, for one image size: torchvision's MultiScaleRoIAlign does not
-    export with symbolic image sizes (its scales become symbolic floats, which its roi_align does not take)."""
-    model = tiny_faster_rcnn()
-    path = str(tmp_path / "model.onnx")
-    torch.onnx.export(model, (images_of((120, 150)),), path, input_names=["images"],
-                      output_names=["boxes", "labels", "scores"])
-    session = onnx_session(path)
-    for images in (images_of((120, 150), seed=1), images_of((120, 150), seed=2)):
-        with torch.no_grad():
-            expected = model(images)[0]
-        assert_onnx_detections(run_onnx(session, images[0]), expected)
