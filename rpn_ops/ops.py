@@ -144,7 +144,7 @@ def batched_nms(
     Returns:
         int64 indices of the kept boxes, by descending score (equal scores: lower index first).
     """
-    if _portable.known_empty(boxes):
+    if _empty_before_other_checks(boxes):
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     boxes, scores = _dequantized(boxes), _dequantized(scores)
     if not torch.jit.is_scripting():
@@ -155,6 +155,16 @@ def batched_nms(
     if idxs.is_floating_point():  # categories by value
         idxs = torch.unique(idxs, sorted=True, return_inverse=True)[1]
     return torch.ops.rpn_ops.batched_nms(boxes, scores, idxs, iou_threshold, max_output)
+
+
+def _empty_before_other_checks(boxes: Tensor) -> bool:
+    """Zero boxes give an empty result before the other arguments are looked at, as in torchvision. Not decided
+    while tracing (torch.jit.trace, ONNX export): the traced graph must decide it for each input, and the
+    operators return an empty result for zero boxes."""
+    if not torch.jit.is_scripting():
+        if torch.jit.is_tracing() or _portable.exporting_to_onnx():
+            return False
+    return _portable.known_empty(boxes)
 
 
 def _dequantized(t: Tensor) -> Tensor:

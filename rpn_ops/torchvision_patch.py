@@ -358,8 +358,8 @@ def patch_torchvision_ops() -> _TorchvisionOpsPatch:
     ``torchvision.ops.boxes``, which torchvision's detection code calls through) become rpn_ops'. Undo with
     :func:`unpatch_torchvision_ops`, or use the returned handle as a context manager. Calling it twice is harmless.
 
-    rpn_ops' versions need floating-point boxes of one dtype and device (torchvision's ``box_iou`` also accepts
-    integer boxes) and order equal scores by index."""
+    rpn_ops' versions take the inputs torchvision's take (integer and mixed-dtype boxes, ``fmt=``, quantized NMS)
+    and order equal scores by index."""
     ours = {"nms": nms, "batched_nms": batched_nms, "box_iou": box_iou}
     for module in _MODULES:
         for name in _PATCHED_NAMES:

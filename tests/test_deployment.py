@@ -39,14 +39,14 @@ class TwoLevels(nn.Module):
         return OrderedDict([("0", fine), ("1", torch.relu(self.coarse(fine)))])
 
 
-def tiny_faster_rcnn(patched=True):
+def tiny_faster_rcnn(patched=True, box_score_thresh=0.0):
     """A randomly initialised Faster R-CNN on TwoLevels, its class scores spread out (a random predictor scores
     every class alike, and near-ties would leave the detections' order to rounding)."""
     torch.manual_seed(0)
     model = FasterRCNN(TwoLevels(), num_classes=3, min_size=128, max_size=160, representation_size=32,
                        rpn_anchor_generator=TorchvisionAnchorGenerator(((16,), (48,)), ((0.5, 1.0, 2.0),) * 2),
                        box_roi_pool=torchvision.ops.MultiScaleRoIAlign(["0", "1"], 7, 2),
-                       rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=60, box_score_thresh=0.0,
+                       rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=60, box_score_thresh=box_score_thresh,
                        box_detections_per_img=30)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(20.0)

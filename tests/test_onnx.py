@@ -55,21 +55,27 @@ def assert_onnx_detections(got, expected):
     assert torch.equal(labels, expected["labels"])
 
 
-def test_patched_faster_rcnn_exports_to_onnx_with_the_legacy_exporter(tmp_path):
-    """As torchvision's ONNX tests export its models (dynamo=False, dynamic image sizes), then run an image of the
-    exported size and one of another size and shape. (A blank image, the third input of torchvision's tests,
-    gives a random model near-equal scores everywhere, whose order is left to rounding, for torchvision's
-    unpatched model too.)"""
-    model = tiny_faster_rcnn()
+BLANK_IMAGE = [torch.full((3, 100, 100), 0.3)]  # no detection above the score threshold 0.7
+
+
+@pytest.mark.parametrize("exported_with", ["image", "blank image"])
+def test_patched_faster_rcnn_exports_to_onnx_with_the_legacy_exporter(exported_with, tmp_path):
+    """As torchvision's ONNX tests export its models (dynamo=False, dynamic image sizes): exported with an image,
+    then run on images of other sizes and on one without detections; and exported with that one, then run on
+    images with detections."""
+    model = tiny_faster_rcnn(box_score_thresh=0.7)
     path = str(tmp_path / "model.onnx")
-    torch.onnx.export(model, (images_of((120, 150)),), path, dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["boxes", "labels", "scores"],
+    torch.onnx.export(model, (images_of((120, 150)) if exported_with == "image" else BLANK_IMAGE,), path,
+                      dynamo=False, opset_version=17, input_names=["images"], output_names=["boxes", "labels", "scores"],
                       dynamic_axes={"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
     session = onnx_session(path)
-    for images in (images_of((120, 150), seed=1), images_of((160, 110), seed=2)):
+    counts = []
+    for images in (images_of((120, 150), seed=1), images_of((160, 110), seed=2), BLANK_IMAGE):
         with torch.no_grad():
             expected = model(images)[0]
         assert_onnx_detections(run_onnx(session, images[0]), expected)
+        counts.append(len(expected["boxes"]))
+    assert counts[0] > 0 and counts[1] > 0 and counts[2] == 0
 
 
 def test_patched_faster_rcnn_exports_to_onnx_with_the_default_exporter(tmp_path):
