@@ -130,15 +130,17 @@ def test_every_op_and_module_scripts_and_gives_the_eager_results():
 LOAD_IN_A_FRESH_PROCESS = """
 import sys
 import torch
-library, ops_file, model_file, data_file = sys.argv[1:]
+library, ops_file, model_file, data_file, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))  # the test's: a convolution's sums depend on the thread count
 torch.ops.load_library(library)  # what a C++ program does: the operators, without rpn_ops' Python
 inputs, expected, images, detections = torch.load(data_file)
 torch.manual_seed(1)
 got = torch.jit.load(ops_file)(*inputs)
-assert all(torch.equal(g, e) for g, e in zip(got, expected))
+differ = [i for i, (g, e) in enumerate(zip(got, expected)) if not torch.equal(g, e)]
+assert not differ, f"outputs {differ} differ"
 import rpn_ops, torchvision  # a scripted model holds torchvision's ROI align
 got = torch.jit.load(model_file)(images)[1]
-assert all(torch.equal(g[k], e[k]) for g, e in zip(got, detections) for k in e)
+assert all(torch.equal(g[k], e[k]) for g, e in zip(got, detections) for k in e), "detections differ"
 print("loaded")
 """
 
@@ -155,7 +157,8 @@ def test_scripted_ops_and_models_save_and_load_in_a_fresh_process(tmp_path):
     model.save(str(tmp_path / "model.pt"))
     torch.save((inputs, expected, images, detections), tmp_path / "data.pt")
     result = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, rpn_ops.library_path(),
-                             str(tmp_path / "ops.pt"), str(tmp_path / "model.pt"), str(tmp_path / "data.pt")],
+                             str(tmp_path / "ops.pt"), str(tmp_path / "model.pt"), str(tmp_path / "data.pt"),
+                             str(torch.get_num_threads())],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-3000:]
 
