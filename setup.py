@@ -74,6 +74,8 @@ if with_cuda:
     cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+# rpn_ops/_C is a library of operators, not a Python module: no Python in it (py_limited_api also keeps
+# libtorch_python out), so that torch.ops.load_library and C++ programs load it (rpn_ops/_library.py).
 # C++20 named: the kernels use concepts and std::type_identity, and older torch (2.11 for one) builds extensions
 # as C++17 unless a standard is given.
 cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-std=c++20"]
@@ -91,10 +93,11 @@ if with_cuda:
                ("RPN_OPS_CUDA_ARCHS", f'"{cuda_archs}"')]
     # --fmad=false: no a*b+c contraction, so the CUDA kernels give the CPU kernels' (and torchvision's) bits.
     nvcc_flags = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20"]
-    extension = CUDAExtension("rpn_ops._C", sources, define_macros=macros,
+    extension = CUDAExtension("rpn_ops._C", sources, define_macros=macros, py_limited_api=True,
                               extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
 else:
-    extension = CppExtension("rpn_ops._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags})
+    extension = CppExtension("rpn_ops._C", sources, define_macros=macros, py_limited_api=True,
+                             extra_compile_args={"cxx": cxx_flags})
 
 print(f"rpn_ops: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels ({why}); "
       f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}, archs {cuda_archs}" if with_cuda else "")

@@ -1,6 +1,11 @@
-// The Python extension module rpn_ops._C: loading it registers every operator (static initialisers of the
-// schema and kernel files); it also reports what this build contains.
-#include <torch/extension.h>
+// What this build contains, and the CPU instruction-set switch, as operators of the library: rpn_ops/_C is a plain
+// shared library of operators (no Python in it), so that torch.ops.load_library and C++ programs (libtorch) load
+// it as they load torchvision's.
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "cpu/cpu_isa.h"
 
@@ -16,27 +21,39 @@
 
 namespace {
 
-py::dict build_info() {
-  py::dict info;
-#if defined(RPN_OPS_WITH_CUDA)
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
-  info["cuda_version"] = RPN_OPS_CUDA_VERSION;
-  info["cuda_archs"] = RPN_OPS_CUDA_ARCHS;
-  info["built_with_torch"] = RPN_OPS_TORCH_VERSION;
-  info["cpu_isas_compiled"] = rpn_ops::cpu::compiled_isas();
-  info["cpu_isas_supported"] = rpn_ops::cpu::supported_isas();
-  info["cpu_isa"] = rpn_ops::cpu::isa_name(rpn_ops::cpu::current_isa());
-  return info;
+std::string json_list(const std::vector<std::string>& items) {
+  std::string out = "[";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", \"" : "\"") + items[i] + "\"";
+  return out + "]";
 }
+
+// A JSON object (the values are plain identifiers and version numbers; nothing to escape).
+std::string build_info() {
+#if defined(RPN_OPS_WITH_CUDA)
+  const bool cuda = true;
+#else
+  const bool cuda = false;
+#endif
+  std::ostringstream info;
+  info << "{\"cuda\": " << (cuda ? "true" : "false") << ", \"cuda_version\": \"" << RPN_OPS_CUDA_VERSION
+       << "\", \"cuda_archs\": \"" << RPN_OPS_CUDA_ARCHS << "\", \"built_with_torch\": \"" << RPN_OPS_TORCH_VERSION
+       << "\", \"cpu_isas_compiled\": " << json_list(rpn_ops::cpu::compiled_isas())
+       << ", \"cpu_isas_supported\": " << json_list(rpn_ops::cpu::supported_isas()) << ", \"cpu_isa\": \""
+       << rpn_ops::cpu::isa_name(rpn_ops::cpu::current_isa()) << "\"}";
+  return info.str();
+}
+
+void set_cpu_isa(std::string name) { rpn_ops::cpu::set_isa(name); }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rpn_ops compiled kernels; the operators are under torch.ops.rpn_ops";
-  m.def("build_info", &build_info, "What this build of rpn_ops contains (CUDA, archs, CPU instruction sets).");
-  m.def("set_cpu_isa", &rpn_ops::cpu::set_isa, py::arg("name"),
-        "Force the CPU instruction set of the hot loops ('auto', 'baseline', 'avx2', 'avx512').");
+TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
+  m.def("_build_info() -> str", &build_info);
+  m.def("_set_cpu_isa(str name) -> ()", &set_cpu_isa);
 }
+
+#ifdef _WIN32
+// setuptools links every extension with /EXPORT:PyInit__C; Python never calls it (the library is loaded with
+// torch.ops.load_library).
+extern "C" __declspec(dllexport) void* PyInit__C(void) { return nullptr; }
+#endif

@@ -1,5 +1,5 @@
 """rpn_ops: fast, torchvision-exact Region Proposal Network operators for PyTorch (CPU and CUDA)."""
-from ._library import build_info, set_cpu_isa
+from ._library import build_info, library_path, set_cpu_isa
 from .anchors import AnchorGenerator, cell_anchors
 from .box_coder import BoxCoder
 from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors
@@ -20,7 +20,7 @@ def __getattr__(name):  # the torchvision patch imports torchvision: loaded on f
 __all__ = [
     "AnchorGenerator", "AnchorGrid", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RoIHeads",
     "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "encode_boxes",
-    "generate_proposals", "grid_anchors", "match_anchors", "nms", "patch_torchvision", "patch_torchvision_ops",
+    "generate_proposals", "grid_anchors", "library_path", "match_anchors", "nms", "patch_torchvision", "patch_torchvision_ops",
     "set_cpu_isa", "unpatch_torchvision_ops",
 ]
 __version__ = "0.1.0"

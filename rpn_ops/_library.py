@@ -1,26 +1,52 @@
-"""Loads the compiled operators (rpn_ops._C), keeping the original error if that fails."""
-import importlib
+"""Loads the compiled operators (the shared library rpn_ops/_C), keeping the original error if that fails.
 
-import torch  # noqa: F401  (loads libtorch / libc10, which rpn_ops._C links against)
+The library is plain C++ on libtorch, with no Python in it: ``torch.ops.load_library(rpn_ops.library_path())``
+loads it into any process (a TorchScript or AOTInductor model that uses the operators), as C++ programs load it
+with ``dlopen`` or by linking."""
+import importlib.util
+import json
 
-try:
-    _C = importlib.import_module("rpn_ops._C")
-except ImportError as error:  # keep the real cause: a missing build, an ABI mismatch, a missing CUDA library
-    raise ImportError(
-        "rpn_ops could not load its compiled operators (rpn_ops._C). Build them against the torch you run with "
-        "`pip install --no-build-isolation -e .` in the rpn_ops source folder (a plain `pip install .` works too, "
-        "but then run Python outside the source folder, whose rpn_ops/ has no compiled library). "
-        f"torch here is {torch.__version__}. Cause: {error}"
-    ) from error
+import torch
+
+
+def _find_library() -> str:
+    spec = importlib.util.find_spec("rpn_ops._C")
+    if spec is None or spec.origin is None:
+        raise ImportError("no compiled library rpn_ops/_C*.so next to the rpn_ops package")
+    return spec.origin
+
+
+def _load() -> str:
+    try:
+        path = _find_library()
+        torch.ops.load_library(path)
+    except (ImportError, OSError) as error:  # keep the real cause: a missing build, an ABI mismatch, a missing library
+        cause = f"{error}: {error.__cause__}" if error.__cause__ is not None else str(error)  # load_library wraps it
+        raise ImportError(
+            "rpn_ops could not load its compiled operators (rpn_ops._C). Build them against the torch you run with "
+            "`pip install --no-build-isolation -e .` in the rpn_ops source folder (a plain `pip install .` works "
+            "too, but then run Python outside the source folder, whose rpn_ops/ has no compiled library). "
+            f"torch here is {torch.__version__}. Cause: {cause}"
+        ) from error
+    return path
+
+
+LIBRARY_PATH = _load()
+
+
+def library_path() -> str:
+    """The file of rpn_ops' compiled operators, for ``torch.ops.load_library`` (a process that runs a scripted or
+    AOTInductor-compiled model without ``import rpn_ops``) or for a C++ program to ``dlopen``."""
+    return LIBRARY_PATH
 
 
 def build_info() -> dict:
     """What this build contains: ``cuda`` (CUDA kernels compiled), ``cuda_version``, ``cuda_archs``,
     ``built_with_torch``, and the CPU instruction sets compiled, supported here and in use (``cpu_isa``)."""
-    return dict(_C.build_info())
+    return json.loads(torch.ops.rpn_ops._build_info())
 
 
 def set_cpu_isa(name: str) -> None:
     """Force the instruction set of the CPU hot loops: ``"auto"`` (the best this CPU supports, the default),
     ``"baseline"``, ``"avx2"`` or ``"avx512"``. Results are identical; only speed changes."""
-    _C.set_cpu_isa(name)
+    torch.ops.rpn_ops._set_cpu_isa(name)

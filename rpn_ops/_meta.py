@@ -50,6 +50,11 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold, max_output=None):
     return _nms_output(boxes, max_output)
 
 
+@torch.library.register_fake("rpn_ops::batched_nms_torchvision_order")
+def _batched_nms_torchvision_order_fake(boxes, scores, idxs, iou_threshold, per_class_above):
+    return _nms_output(boxes, None)
+
+
 @torch.library.register_fake("rpn_ops::box_iou")
 def _box_iou_fake(boxes1, boxes2):
     for boxes, name in ((boxes1, "boxes1"), (boxes2, "boxes2")):

@@ -1,6 +1,6 @@
 """Target assignment for training an RPN: anchors matched to ground truth without the [G, A] IoU matrix,
 labels and regression targets in one call per batch, and the balanced sampler of torchvision's RPN."""
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -8,12 +8,10 @@ from torch import Tensor
 from .box_coder import _rows_of
 from .ops import _number, _weights, encode_boxes
 
-GroundTruth = Union[Tensor, Mapping[str, Tensor]]
-
 
 def match_anchors(
-    gt_boxes: Union[Tensor, Sequence[Tensor]],
-    anchors: Union[Tensor, Sequence[Tensor]],
+    gt_boxes: Union[Tensor, List[Tensor]],
+    anchors: Union[Tensor, List[Tensor]],
     high_threshold: float = 0.7,
     low_threshold: float = 0.3,
     allow_low_quality_matches: bool = True,
@@ -33,26 +31,35 @@ def match_anchors(
         int64 ``[A]`` (a list for lists): the best box's index (ties: the lowest index), -1 below
         ``low_threshold``, -2 between the thresholds. All images of a list are matched in one call.
     """
-    batched = isinstance(gt_boxes, (list, tuple))
-    if batched != isinstance(anchors, (list, tuple)):
-        raise TypeError("gt_boxes and anchors must both be tensors or both be lists (one entry per image)")
-    gt_list, anchor_list = (list(gt_boxes), list(anchors)) if batched else ([gt_boxes], [anchors])
-    _check_lists(gt_list, anchor_list, batched)
-    anchor_counts = [a.shape[0] for a in anchor_list]
-    matches = torch.ops.rpn_ops.match_anchors.default(
-        _rows_of(gt_list), _rows_of(anchor_list), [g.shape[0] for g in gt_list], anchor_counts,
-        _number(high_threshold, "high_threshold"), _number(low_threshold, "low_threshold"),
-        bool(allow_low_quality_matches))
-    return list(matches.split(anchor_counts)) if batched else matches
+    if not torch.jit.is_scripting():
+        batched = isinstance(gt_boxes, (list, tuple))
+        if batched != isinstance(anchors, (list, tuple)):
+            raise TypeError("gt_boxes and anchors must both be tensors or both be lists (one entry per image)")
+        if batched:
+            gt_boxes, anchors = list(gt_boxes), list(anchors)
+        _check_lists(gt_boxes if batched else [gt_boxes], anchors if batched else [anchors], batched)
+        high_threshold, low_threshold = _number(high_threshold, "high_threshold"), _number(low_threshold,
+                                                                                           "low_threshold")
+        allow_low_quality_matches = bool(allow_low_quality_matches)
+    if isinstance(gt_boxes, Tensor):
+        assert isinstance(anchors, Tensor), "gt_boxes and anchors must both be tensors or both be lists"
+        return torch.ops.rpn_ops.match_anchors(gt_boxes, anchors, [gt_boxes.shape[0]], [anchors.shape[0]],
+                                               high_threshold, low_threshold, allow_low_quality_matches)
+    assert not isinstance(anchors, Tensor), "gt_boxes and anchors must both be tensors or both be lists"
+    anchor_counts = [a.shape[0] for a in anchors]
+    matches = torch.ops.rpn_ops.match_anchors(
+        _rows_of(gt_boxes), _rows_of(anchors), [g.shape[0] for g in gt_boxes], anchor_counts, high_threshold,
+        low_threshold, allow_low_quality_matches)
+    return list(matches.split(anchor_counts))
 
 
 def assign_targets(
-    anchors: Sequence[Tensor],
-    gt_boxes: Sequence[GroundTruth],
+    anchors: List[Tensor],
+    gt_boxes: Union[List[Tensor], List[Dict[str, Tensor]]],
     fg_iou_thresh: float = 0.7,
     bg_iou_thresh: float = 0.3,
     allow_low_quality_matches: bool = True,
-    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
 ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
     """Labels, matched boxes and regression targets of every anchor of a batch, exactly as torchvision's
     ``RegionProposalNetwork.assign_targets_to_anchors`` followed by its ``box_coder.encode``, in one call.
@@ -68,28 +75,40 @@ def assign_targets(
     Returns:
         ``(labels, matched_gt_boxes, regression_targets)``, lists with one tensor per image: labels float32
         ``[A_i]`` (1 foreground, 0 background, -1 ignored), matched boxes ``[A_i, 4]`` (float32 zeros for an
-        image without ground truth), regression targets ``[A_i, 4]``, to the bit as torchvision's.
+        image without ground truth), regression targets ``[A_i, 4]``, to the bit as torchvision's. Matched boxes
+        and targets are differentiable with respect to the ground truth and anchors (torchvision's gradients).
     """
-    anchor_list, gt_list = list(anchors), [_boxes_of(g) for g in gt_boxes]
-    _check_lists(gt_list, anchor_list)
-    if not anchor_list:
-        return [], [], []
-    nonempty = [g for g in gt_list if g.numel() > 0]
-    dtypes = {g.dtype for g in nonempty}
-    if len(dtypes) > 1:
-        raise TypeError(f"the ground-truth boxes of all images must have one dtype, got {sorted(map(str, dtypes))}")
-    gt_dtype = nonempty[0].dtype if nonempty else torch.float32
-    device = anchor_list[0].device
-    gt_rows = _rows_of(nonempty) if nonempty else torch.zeros(0, 4, device=device)
-    anchor_rows, anchor_counts = _rows_of(anchor_list), [a.shape[0] for a in anchor_list]
-    weights = _weights(weights)
-    labels, matched, targets = torch.ops.rpn_ops.assign_targets.default(
-        gt_rows, anchor_rows, [g.shape[0] for g in gt_list], anchor_counts,
-        _number(fg_iou_thresh, "fg_iou_thresh"), _number(bg_iou_thresh, "bg_iou_thresh"),
-        bool(allow_low_quality_matches), weights)
-    matched_list = [m if g.numel() > 0 or m.dtype == torch.float32 else m.float()  # torchvision's zeros: float32
-                    for m, g in zip(matched.split(anchor_counts), gt_list)]
-    if torch.promote_types(gt_dtype, torch.float32) != gt_dtype and len(nonempty) < len(gt_list):
+    if torch.jit.is_scripting():
+        if torch.jit.isinstance(gt_boxes, List[Dict[str, Tensor]]):
+            gt_list = [target["boxes"] for target in gt_boxes]
+        else:
+            assert torch.jit.isinstance(gt_boxes, List[Tensor])
+            gt_list = gt_boxes
+    else:
+        anchors, gt_list = list(anchors), [_boxes_of(g) for g in gt_boxes]
+        _check_lists(gt_list, anchors)
+        fg_iou_thresh, bg_iou_thresh = _number(fg_iou_thresh, "fg_iou_thresh"), _number(bg_iou_thresh,
+                                                                                        "bg_iou_thresh")
+        allow_low_quality_matches, weights = bool(allow_low_quality_matches), _weights(weights)
+        _check_one_dtype(gt_list)
+    empty: List[Tensor] = []
+    if len(anchors) == 0:
+        return empty, empty, empty
+    nonempty: List[Tensor] = []
+    for g in gt_list:
+        if g.numel() > 0:
+            nonempty.append(g)
+    device = anchors[0].device
+    gt_rows = _rows_of(nonempty) if len(nonempty) > 0 else torch.zeros(0, 4, device=device)
+    anchor_rows, anchor_counts = _rows_of(anchors), [a.shape[0] for a in anchors]
+    labels, matched, targets = torch.ops.rpn_ops.assign_targets(
+        gt_rows, anchor_rows, [g.shape[0] if g.numel() > 0 else 0 for g in gt_list], anchor_counts, fg_iou_thresh,
+        bg_iou_thresh, allow_low_quality_matches, [weights[0], weights[1], weights[2], weights[3]])
+    matched_list = list(matched.split(anchor_counts))
+    for i, g in enumerate(gt_list):
+        if g.numel() == 0 and matched_list[i].dtype != torch.float32:  # torchvision's zeros are float32
+            matched_list[i] = matched_list[i].float()
+    if len(nonempty) < len(gt_list) and torch.promote_types(gt_rows.dtype, torch.float32) != gt_rows.dtype:
         # torchvision encodes the concatenation of the matched boxes, where the float32 zeros of an image without
         # ground truth promote the float16 / bfloat16 boxes of the others.
         targets = encode_boxes(torch.cat(matched_list), anchor_rows, weights)
@@ -102,17 +121,13 @@ class BalancedPositiveNegativeSampler:
 
     With the same random state it draws exactly the samples torchvision draws (the same ``torch.randperm``
     calls, in the same order), so a training step is reproducible across the two. ``generator`` (optional)
-    is passed to ``torch.randperm``; it must be on the labels' device.
+    is passed to ``torch.randperm``; it must be on the labels' device. It scripts, as a TorchScript class.
     """
 
     def __init__(self, batch_size_per_image: int, positive_fraction: float,
                  generator: Optional[torch.Generator] = None) -> None:
-        if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) \
-                or batch_size_per_image < 0:
-            raise ValueError(f"batch_size_per_image must be an int >= 0, got {batch_size_per_image!r}")
-        positive_fraction = _number(positive_fraction, "positive_fraction")
-        if not 0.0 <= positive_fraction <= 1.0:
-            raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        if not torch.jit.is_scripting():
+            positive_fraction = _checked_sampler_settings(batch_size_per_image, positive_fraction)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
         self.generator = generator
@@ -120,11 +135,11 @@ class BalancedPositiveNegativeSampler:
     def __call__(self, matched_idxs: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """Args: per image, labels or matched indices ``[A_i]``. Returns per image uint8 masks ``[A_i]`` of
         the sampled positives and negatives."""
-        positive_masks, negative_masks = [], []
+        positive_masks: List[Tensor] = []
+        negative_masks: List[Tensor] = []
         for labels in matched_idxs:
-            if not isinstance(labels, Tensor) or labels.dim() != 1:
-                raise ValueError("each image's labels must be a 1-D tensor, got "
-                                 f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+            if not torch.jit.is_scripting():
+                _check_labels(labels)
             positive = torch.where(labels >= 1)[0]
             negative = torch.where(labels == 0)[0]
             num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
@@ -141,7 +156,22 @@ class BalancedPositiveNegativeSampler:
         return mask
 
 
-def _boxes_of(target: GroundTruth) -> Tensor:
+def _checked_sampler_settings(batch_size_per_image, positive_fraction) -> float:
+    if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
+        raise ValueError(f"batch_size_per_image must be an int >= 0, got {batch_size_per_image!r}")
+    positive_fraction = _number(positive_fraction, "positive_fraction")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+    return positive_fraction
+
+
+def _check_labels(labels) -> None:
+    if not isinstance(labels, Tensor) or labels.dim() != 1:
+        raise ValueError("each image's labels must be a 1-D tensor, got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+
+
+def _boxes_of(target: Union[Tensor, Mapping[str, Tensor]]) -> Tensor:
     if isinstance(target, Mapping):
         if "boxes" not in target:
             raise KeyError("a target dict must hold the ground-truth boxes under 'boxes'")
@@ -149,6 +179,12 @@ def _boxes_of(target: GroundTruth) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"ground-truth boxes must be a tensor or a dict with 'boxes', got {type(target).__name__}")
     return target
+
+
+def _check_one_dtype(gt_list: List[Tensor]) -> None:
+    dtypes = {g.dtype for g in gt_list if g.numel() > 0}
+    if len(dtypes) > 1:
+        raise TypeError(f"the ground-truth boxes of all images must have one dtype, got {sorted(map(str, dtypes))}")
 
 
 def _check_lists(gt_list: List[Tensor], anchor_list: List[Tensor], batched: bool = True) -> None:

@@ -1,12 +1,12 @@
 """Proposal generation: torchvision's ``RegionProposalNetwork.filter_proposals`` on decoded anchors, in one
 operator call for the whole batch."""
-from typing import List, NamedTuple, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _meta  # noqa: F401  (the fake kernels torch.compile uses)
-from .ops import _count_arg, _number, _pairs
+from . import _meta, _portable  # noqa: F401  (the fake kernels torch.compile uses)
+from .ops import _count_arg, _flat, _number, _pairs
 
 
 class AnchorGrid(NamedTuple):
@@ -20,9 +20,9 @@ class AnchorGrid(NamedTuple):
         strides: per level, ``(stride_y, stride_x)``: the padded batch size integer-divided by the grid size.
     """
 
-    cell_anchors: Sequence[Tensor]
-    grid_sizes: Sequence[Sequence[int]]
-    strides: Sequence[Sequence[int]]
+    cell_anchors: List[Tensor]
+    grid_sizes: List[List[int]]
+    strides: List[List[int]]
 
     @classmethod
     def from_generator(cls, generator, batch_size: Sequence[int], grid_sizes: Sequence[Sequence[int]],
@@ -31,27 +31,24 @@ class AnchorGrid(NamedTuple):
         ``AnchorGenerator``), for a padded batch of ``batch_size = (height, width)`` and feature maps of
         ``grid_sizes``."""
         height, width = (int(s) for s in batch_size)
-        grids = [(int(h), int(w)) for h, w in grid_sizes]
+        grids = [[int(h), int(w)] for h, w in grid_sizes]
         cells = [c.to(dtype=dtype, device=device) for c in generator.cell_anchors]
-        return cls(cells, grids, [(height // h, width // w) for h, w in grids])
-
-
-Anchors = Union[Tensor, Sequence[Tensor], AnchorGrid]
+        return cls(cells, grids, [[height // h, width // w] for h, w in grids])
 
 
 def generate_proposals(
     objectness: Tensor,
     pred_bbox_deltas: Tensor,
-    anchors: Anchors,
-    image_sizes: Sequence[Sequence[int]],
-    num_anchors_per_level: Sequence[int],
+    anchors: Union[Tensor, List[Tensor], AnchorGrid],
+    image_sizes: List[Tuple[int, int]],
+    num_anchors_per_level: List[int],
     pre_nms_top_n: int,
     post_nms_top_n: int,
     nms_thresh: float = 0.7,
     score_thresh: float = 0.0,
     min_size: float = 1e-3,
     padded: bool = False,
-):
+) -> Union[Tuple[List[Tensor], List[Tensor]], Tuple[Tensor, Tensor, Tensor]]:
     """Region proposals of a batch, as torchvision's RPN computes them::
 
         proposals = rpn.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(B, -1, 4)
@@ -90,41 +87,87 @@ def generate_proposals(
         descending score. With ``padded=True``: ``[B, post_nms_top_n, 4]`` boxes, ``[B, post_nms_top_n]``
         scores (zeros past each image's count) and the ``[B]`` int64 counts.
     """
-    args = _proposal_args(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level,
-                          pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size)
     if padded:
-        return torch.ops.rpn_ops.generate_proposals_padded.default(*args)
-    boxes, scores = torch.ops.rpn_ops.generate_proposals.default(*args)
+        return torch.ops.rpn_ops.generate_proposals_padded(*_proposal_args(
+            objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+            nms_thresh, score_thresh, min_size))
+    return proposal_lists(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n,
+                          post_nms_top_n, nms_thresh, score_thresh, min_size)
+
+
+def proposal_lists(
+    objectness: Tensor, pred_bbox_deltas: Tensor, anchors: Union[Tensor, List[Tensor], AnchorGrid],
+    image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int], pre_nms_top_n: int, post_nms_top_n: int,
+    nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """``generate_proposals(..., padded=False)``, typed for TorchScript (one return type)."""
+    boxes, scores = torch.ops.rpn_ops.generate_proposals(*_proposal_args(
+        objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+        nms_thresh, score_thresh, min_size))
     return list(boxes), list(scores)
 
 
-def _proposal_args(objectness, pred_bbox_deltas, anchors, image_sizes, num_anchors_per_level, pre_nms_top_n,
-                   post_nms_top_n, nms_thresh, score_thresh, min_size) -> tuple:
+def _proposal_args(
+    objectness: Tensor, pred_bbox_deltas: Tensor, anchors: Union[Tensor, List[Tensor], AnchorGrid],
+    image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int], pre_nms_top_n: int, post_nms_top_n: int,
+    nms_thresh: float, score_thresh: float, min_size: float,
+) -> Tuple[Tensor, Tensor, List[Tensor], List[int], List[int], int, int, float, float, float, Optional[Tensor], List[int],
+           List[int], List[int]]:
+    """The arguments of the generate_proposals operators (checked, when not scripted)."""
+    if not torch.jit.is_scripting():
+        anchors = _checked_anchors(objectness, pred_bbox_deltas, anchors)
+        image_sizes = _pairs(image_sizes, "image_sizes")
+        num_anchors_per_level = [_count_arg(n, f"num_anchors_per_level[{i}]")
+                                 for i, n in enumerate(num_anchors_per_level)]
+        pre_nms_top_n, post_nms_top_n = _count_arg(pre_nms_top_n, "pre_nms_top_n"), _count_arg(post_nms_top_n,
+                                                                                                "post_nms_top_n")
+        nms_thresh, score_thresh = _number(nms_thresh, "nms_thresh"), _number(score_thresh, "score_thresh")
+        min_size = _number(min_size, "min_size")
+        if _portable.exporting_to_onnx():
+            raise RuntimeError("generate_proposals has no ONNX form; a model patched by rpn_ops.patch_torchvision "
+                               "exports its proposals in torchvision's steps")
+    table: Optional[Tensor] = None
+    cells_per_level: List[int] = []
+    grid_sizes: List[int] = []
+    strides: List[int] = []
+    if isinstance(anchors, Tensor):
+        anchor_list = list(anchors.unbind(0)) if anchors.dim() == 3 else [anchors]
+    elif isinstance(anchors, AnchorGrid):
+        cells = anchors.cell_anchors
+        table = cells[0] if len(cells) == 1 else torch.cat(cells)
+        cells_per_level = [c.shape[0] for c in cells]
+        grid_sizes, strides = _flat(anchors.grid_sizes), _flat(anchors.strides)
+        anchor_list = []
+    else:
+        anchor_list = anchors
+    return (objectness.detach(), pred_bbox_deltas.detach(), [a.detach() for a in anchor_list],
+            _flat([[size[0], size[1]] for size in image_sizes]), num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+            nms_thresh, score_thresh, min_size, table, cells_per_level, grid_sizes, strides)
+
+
+def _checked_anchors(objectness, pred_bbox_deltas, anchors):
+    """``anchors`` as a tensor, a list of tensors or an AnchorGrid of lists; raises for anything else."""
     for tensor, name in ((objectness, "objectness"), (pred_bbox_deltas, "pred_bbox_deltas")):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    sizes = _pairs(image_sizes, "image_sizes")
-    levels = [_count_arg(n, f"num_anchors_per_level[{i}]") for i, n in enumerate(num_anchors_per_level)]
-    spec: Tuple = (None, [], [], [])
     if isinstance(anchors, AnchorGrid):
         cells = list(anchors.cell_anchors)
         if not cells or len(anchors.grid_sizes) != len(cells) or len(anchors.strides) != len(cells):
             raise ValueError(f"an AnchorGrid needs one grid size and one stride per level of cell anchors: "
                              f"{len(cells)} levels, {len(anchors.grid_sizes)} grid sizes, {len(anchors.strides)} "
                              "strides")
-        table = cells[0] if len(cells) == 1 else torch.cat(cells)
-        spec = (table, [len(c) for c in cells], _pairs(anchors.grid_sizes, "grid_sizes"),
-                _pairs(anchors.strides, "strides"))
-        anchor_list: List[Tensor] = []
+        anchors = AnchorGrid(cells, _pairs(anchors.grid_sizes, "grid_sizes"), _pairs(anchors.strides, "strides"))
+        tensors = cells
     elif isinstance(anchors, Tensor):
-        anchor_list = list(anchors.unbind(0)) if anchors.dim() == 3 else [anchors]
+        tensors = [anchors]
     elif isinstance(anchors, (list, tuple)) and all(isinstance(a, Tensor) for a in anchors):
-        anchor_list = list(anchors)
-        if len(anchor_list) > 1 and all(a is anchor_list[0] for a in anchor_list):
-            anchor_list = anchor_list[:1]
+        anchors = list(anchors)
+        if len(anchors) > 1 and all(a is anchors[0] for a in anchors):
+            anchors = anchors[:1]
+        tensors = anchors
     else:
         raise TypeError(f"anchors must be a tensor, a list of tensors or an AnchorGrid, got {type(anchors).__name__}")
-    return (objectness.detach(), pred_bbox_deltas.detach(), [a.detach() for a in anchor_list], sizes, levels,
-            _count_arg(pre_nms_top_n, "pre_nms_top_n"), _count_arg(post_nms_top_n, "post_nms_top_n"),
-            _number(nms_thresh, "nms_thresh"), _number(score_thresh, "score_thresh"), _number(min_size, "min_size"),
-            *spec)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError("generate_proposals does not propagate gradients to the anchors (torchvision's decode "
+                         "does); detach them, or decode with rpn_ops.decode_boxes")
+    return anchors

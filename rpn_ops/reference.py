@@ -59,8 +59,8 @@ def grid_anchors(cell_anchors: List[Tensor], grid_sizes, strides) -> Tensor:
     """All levels' anchors: at each position (row-major) of each level, shift + every cell anchor."""
     levels = []
     for cells, (height, width), (stride_y, stride_x) in zip(cell_anchors, grid_sizes, strides):
-        ys = torch.arange(height, dtype=torch.int32, device=cells.device) * int(stride_y)
-        xs = torch.arange(width, dtype=torch.int32, device=cells.device) * int(stride_x)
+        ys = torch.arange(height, dtype=torch.int32, device=cells.device) * stride_y
+        xs = torch.arange(width, dtype=torch.int32, device=cells.device) * stride_x
         shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")
         shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=-1).reshape(-1, 1, 4)
         levels.append((shifts + cells.reshape(1, -1, 4)).reshape(-1, 4))

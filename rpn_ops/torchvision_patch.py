@@ -19,14 +19,13 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHeads
 
+from . import _portable
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .matching import BalancedPositiveNegativeSampler, assign_targets
 from .ops import batched_nms, box_iou, nms
-from .proposals import generate_proposals
+from .proposals import proposal_lists
 
-_UNIT_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
-_DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 _BOX_CODERS = (BoxCoder, tv_det_utils.BoxCoder)
 
 
@@ -52,36 +51,37 @@ def _our_sampler(sampler):
     return sampler
 
 
-_TORCHVISION_VERSION = tuple(int(part) for part in torchvision.__version__.split(".")[:2])
 # torchvision's batched_nms runs NMS per class above this many box coordinates (boxes.numel()), NMS on
 # class-offset boxes up to it; off the CPU the switch point moved from 20k to 100k in 0.22 (pytorch/vision#8925).
-_PER_CLASS_NMS_ABOVE_ON_CPU = 4_000
-_PER_CLASS_NMS_ABOVE_OFF_CPU = 100_000 if _TORCHVISION_VERSION >= (0, 22) else 20_000
+# (Functions, not constants: TorchScript reads no Python globals.)
+if tuple(int(part) for part in torchvision.__version__.split(".")[:2]) >= (0, 22):
+    def _per_class_nms_above(device: torch.device) -> int:
+        return 4_000 if device.type == "cpu" else 100_000
+else:
+    def _per_class_nms_above(device: torch.device) -> int:
+        return 4_000 if device.type == "cpu" else 20_000
 
 
-@torch.library.custom_op("rpn_ops::batched_nms_torchvision_order", mutates_args=())
 def _batched_nms_in_torchvision_order(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """``torchvision.ops.batched_nms``'s result to the order of equal scores, computed with rpn_ops' NMS.
-
-    torchvision's result depends on how it gets there: up to its switch point, one NMS on boxes offset per
-    class (the offset's rounding can flip a decision at the threshold); above it, per-class NMS and then an
-    unstable sort of the kept scores, whose order among equal scores only the same sort call reproduces. This
-    takes the same branch and makes the same calls around rpn_ops' NMS, which keeps exactly what torchvision's
-    CPU NMS keeps. An operator of its own, so that torch.compile sees one call instead of a branch on a
-    data-dependent size."""
-    switch_point = _PER_CLASS_NMS_ABOVE_ON_CPU if boxes.device.type == "cpu" else _PER_CLASS_NMS_ABOVE_OFF_CPU
-    if boxes.numel() > switch_point and not torchvision._is_tracing():
-        kept = batched_nms(boxes, scores, idxs, iou_threshold).sort().values  # ascending, as torchvision's mask
-        return kept[scores[kept].sort(descending=True)[1]]
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    offsets = idxs.to(boxes) * (boxes.max() + 1)  # torchvision's offsets, without its host-to-device copy of 1
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
+    """``torchvision.ops.batched_nms``'s result to the order of equal scores, with rpn_ops' NMS inside (the operator
+    rpn_ops::batched_nms_torchvision_order, csrc/nms.cpp, says how). Exported to ONNX: torchvision's coordinate
+    trick, which is what torchvision's own modules export."""
+    if not torch.jit.is_scripting() and _portable.exporting_to_onnx():
+        return batched_nms(boxes, scores, idxs, iou_threshold)
+    return torch.ops.rpn_ops.batched_nms_torchvision_order(boxes, scores, idxs, iou_threshold,
+                                                          _per_class_nms_above(boxes.device))
 
 
-@_batched_nms_in_torchvision_order.register_fake
-def _(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+def _selected_levels(top_n_idx: Tensor, num_anchors_per_level: List[int]) -> Tensor:
+    """The feature-map level of each selected anchor index. Traced or exported to ONNX, where the level sizes are
+    traced tensors, as torchvision's filter_proposals computes it (a level per anchor, then indexed)."""
+    device = top_n_idx.device
+    if not torch.jit.is_scripting() and (torch.jit.is_tracing() or _portable.exporting_to_onnx()):
+        levels = [torch.full((n,), level, dtype=torch.int64, device=device)
+                  for level, n in enumerate(num_anchors_per_level)]
+        return torch.cat(levels)[top_n_idx]
+    level_ends = torch.tensor(num_anchors_per_level, device=device).cumsum(0)
+    return torch.searchsorted(level_ends, top_n_idx, right=True)
 
 
 class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
@@ -109,6 +109,8 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
     ``from_torchvision(rpn)`` converts an existing torchvision RPN, sharing its head.
     """
 
+    __annotations__ = {"box_coder": BoxCoder, "proposal_matcher": tv_det_utils.Matcher,
+                       "fg_bg_sampler": BalancedPositiveNegativeSampler}
     torchvision_tie_order = True
 
     def __init__(self, anchor_generator, head: nn.Module, fg_iou_thresh: float, bg_iou_thresh: float,
@@ -150,16 +152,22 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
 
     def _proposals_by_selection(self) -> bool:
         """Whether decoding only the top-k selected anchors computes what decode + filter_proposals would."""
-        coder = self.box_coder
-        return (isinstance(coder, _BOX_CODERS) and tuple(float(w) for w in coder.weights) == _UNIT_WEIGHTS
-                and float(coder.bbox_xform_clip) == _DEFAULT_XFORM_CLIP
-                and type(self).filter_proposals is tv_rpn.RegionProposalNetwork.filter_proposals)
+        if not torch.jit.is_scripting():
+            if not isinstance(self.box_coder, _BOX_CODERS) or (
+                    type(self).filter_proposals is not tv_rpn.RegionProposalNetwork.filter_proposals):
+                return False
+        weights = self.box_coder.weights
+        return (weights[0] == 1.0 and weights[1] == 1.0 and weights[2] == 1.0 and weights[3] == 1.0
+                and self.box_coder.bbox_xform_clip == math.log(1000.0 / 16))
 
     def _fused_targets(self) -> bool:
-        """Whether rpn_ops.assign_targets computes what assign_targets_to_anchors + box_coder.encode would."""
-        return (isinstance(self.box_coder, _BOX_CODERS)
-                and type(self).assign_targets_to_anchors is RegionProposalNetwork.assign_targets_to_anchors
-                and "assign_targets_to_anchors" not in self.__dict__)
+        """Whether rpn_ops.assign_targets computes what assign_targets_to_anchors + box_coder.encode would (scripted:
+        the box coder is rpn_ops', as the class annotates it)."""
+        if not torch.jit.is_scripting():
+            return (isinstance(self.box_coder, _BOX_CODERS)
+                    and type(self).assign_targets_to_anchors is RegionProposalNetwork.assign_targets_to_anchors
+                    and "assign_targets_to_anchors" not in self.__dict__)
+        return True
 
     def assign_targets_to_anchors(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
                                   ) -> Tuple[List[Tensor], List[Tensor]]:
@@ -177,14 +185,14 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         num_images, device = len(anchors), objectness.device
         objectness = objectness.detach().reshape(num_images, -1)
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # torch.topk's order of equal logits
-        level_ends = torch.tensor(num_anchors_per_level, device=device).cumsum(0)
-        levels = torch.searchsorted(level_ends, top_n_idx, right=True)
+        levels = _selected_levels(top_n_idx, num_anchors_per_level)
         batch_idx = torch.arange(num_images, device=device)[:, None]
         scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
         deltas = pred_bbox_deltas.detach().reshape(num_images, -1, 4)[batch_idx, top_n_idx]
-        selected_anchors = torch.stack([a[i] for a, i in zip(anchors, top_n_idx)])
+        selected_anchors = torch.stack([anchors[i][top_n_idx[i]] for i in range(num_images)])
         proposals = self.box_coder.decode_single(deltas.reshape(-1, 4), selected_anchors.reshape(-1, 4))
-        final_boxes, final_scores = [], []
+        final_boxes: List[Tensor] = []
+        final_scores: List[Tensor] = []
         for boxes, image_scores, image_levels, image_shape in zip(
                 proposals.view(num_images, -1, 4), scores, levels, image_shapes):
             boxes = tv_boxes.clip_boxes_to_image(boxes, image_shape)
@@ -210,11 +218,11 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         if not self._proposals_by_selection():
             proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
             boxes, scores = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
-        elif self.torchvision_tie_order:
+        elif self.torchvision_tie_order or _portable.exporting_to_onnx():  # generate_proposals has no ONNX form
             boxes, scores = self._proposals_in_torchvision_order(
                 objectness, pred_bbox_deltas, anchors, images.image_sizes, num_anchors_per_level)
         else:
-            boxes, scores = generate_proposals(
+            boxes, scores = proposal_lists(
                 objectness, pred_bbox_deltas.detach(), anchors, images.image_sizes, num_anchors_per_level,
                 self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh, self.score_thresh, self.min_size)
 
@@ -245,6 +253,8 @@ class RoIHeads(TorchvisionRoIHeads):
     with ``False``, one :func:`rpn_ops.batched_nms` call with early exit at ``detections_per_img`` (true per-class
     NMS, equal scores by lower index: the same detections, a deterministic order among equal scores)."""
 
+    __annotations__ = {"box_coder": BoxCoder, "proposal_matcher": tv_det_utils.Matcher,
+                       "fg_bg_sampler": tv_det_utils.BalancedPositiveNegativeSampler}
     torchvision_tie_order = True
 
     def _class_nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
@@ -257,10 +267,12 @@ class RoIHeads(TorchvisionRoIHeads):
         """torchvision's steps (decode, softmax, clip, one instance per non-background class, score and size
         filters, per-class NMS, the best ``detections_per_img``) with rpn_ops' decode and NMS."""
         num_classes = class_logits.shape[-1]
-        boxes_per_image = [len(p) for p in proposals]
+        boxes_per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals)
         pred_scores = F.softmax(class_logits, -1)
-        all_boxes, all_scores, all_labels = [], [], []
+        all_boxes: List[Tensor] = []
+        all_scores: List[Tensor] = []
+        all_labels: List[Tensor] = []
         for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
                                               pred_scores.split(boxes_per_image, 0), image_shapes):
             boxes = tv_boxes.clip_boxes_to_image(boxes, image_shape)
@@ -346,8 +358,8 @@ def patch_torchvision_ops() -> _TorchvisionOpsPatch:
     ``torchvision.ops.boxes``, which torchvision's detection code calls through) become rpn_ops'. Undo with
     :func:`unpatch_torchvision_ops`, or use the returned handle as a context manager. Calling it twice is harmless.
 
-    rpn_ops' versions need floating-point boxes of one dtype and device (torchvision's ``box_iou`` also accepts
-    integer boxes) and order equal scores by index."""
+    rpn_ops' versions take the inputs torchvision's take (integer and mixed-dtype boxes, ``fmt=``, quantized NMS)
+    and order equal scores by index."""
     ours = {"nms": nms, "batched_nms": batched_nms, "box_iou": box_iou}
     for module in _MODULES:
         for name in _PATCHED_NAMES:

@@ -197,3 +197,34 @@ def test_cuda_kernel_matches_cpu(gpu, dtype):
     got = rpn_ops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images_gpu, [f.to(gpu) for f in features])
     assert all(g.device.type == torch.device(gpu).type for g in got)
     assert_same_anchors([g.cpu() for g in got], cpu)
+
+
+def test_gradients_reach_the_cell_anchors_as_in_torchvision(device):
+    """Each cell anchor is shifted to every position of its level: its gradient sums theirs, as torchvision's."""
+    grid_sizes, strides = [[5, 7], [3, 4]], [[8, 8], [16, 12]]
+    gradients = []
+    for anchors_of in (lambda cells: rpn_ops.grid_anchors(cells, grid_sizes, strides),
+                       lambda cells: torch.cat(_torchvision_grid_anchors(cells, grid_sizes, strides))):
+        cells = [rpn_ops.cell_anchors((32,), (0.5, 1.0, 2.0)).to(device).requires_grad_(),
+                 rpn_ops.cell_anchors((64,), (1.0,)).to(device).requires_grad_()]
+        anchors = anchors_of(cells)
+        gradients.append(torch.autograd.grad(anchors, cells, torch.linspace(-1, 1, anchors.numel(),
+                                                                           device=device).view_as(anchors)))
+    for got, expected in zip(*gradients):
+        assert torch.equal(got, expected)
+
+
+def _torchvision_grid_anchors(cells, grid_sizes, strides):
+    generator = TorchvisionAnchorGenerator(((32,), (64,)), ((0.5, 1.0, 2.0), (1.0,)))
+    generator.cell_anchors = cells
+    return generator.grid_anchors(grid_sizes, [[torch.tensor(s) for s in pair] for pair in strides])
+
+
+def test_levels_that_disagree_raise_an_assertion_error_as_in_torchvision():
+    """torchvision asserts; code that catches AssertionError keeps working, and the message says what to fix."""
+    generator = rpn_ops.AnchorGenerator(((32,), (64,)), ((1.0,), (1.0,)))
+    images, features = fpn_batch(64, 64, strides=(8,))
+    with pytest.raises(AssertionError, match="sizes and aspect ratios for 2 feature maps but got 1"):
+        generator(images, features)
+    with pytest.raises(ValueError):
+        generator(images, features)

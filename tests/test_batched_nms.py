@@ -273,3 +273,21 @@ def test_wrapper_is_the_registered_operator(device):
     expected = rpn_ops.batched_nms(boxes, scores, idxs, 0.5)
     assert_indices(torch.ops.rpn_ops.batched_nms(boxes, scores, idxs, 0.5), expected, device)
     assert_indices(torch.ops.rpn_ops.batched_nms(boxes, scores, idxs, 0.5, 3), expected[:3], device)
+
+
+def test_zero_boxes_give_an_empty_result_whatever_the_other_arguments(device):
+    """As torchvision's batched_nms, which returns before it looks at scores and categories."""
+    boxes = torch.empty(0, 4, device=device)
+    for scores, idxs in [(torch.empty(0, device=device), torch.empty(0, device=device)),
+                         (torch.rand(3, device=device), torch.empty(0, dtype=torch.int64, device=device))]:
+        keep = rpn_ops.batched_nms(boxes, scores, idxs, 0.5)
+        assert keep.dtype == torch.int64 and keep.shape == (0,) and keep.device == boxes.device
+        assert torchvision.ops.batched_nms(boxes, scores, idxs, 0.5).shape == (0,)
+
+
+def test_float_categories_are_taken_by_value_as_in_torchvision(device):
+    boxes, scores = workloads.rpn_like_boxes(400, seed=12, device=device)
+    idxs = workloads.categories(400, 5, seed=12, device=device)
+    for float_idxs in (idxs.float(), idxs.double() * 2 - 1):
+        expected = torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), float_idxs.cpu(), 0.5)
+        assert_indices(rpn_ops.batched_nms(boxes, scores, float_idxs, 0.5), expected, device)

@@ -222,8 +222,8 @@ def test_bad_input_is_rejected_with_a_clear_message():
         rpn_ops.decode_boxes(codes, boxes[:, :3], (1, 1, 1, 1))
     with pytest.raises(TypeError, match="rel_codes must be float16, bfloat16, float32 or float64, got Int"):
         rpn_ops.decode_boxes(codes.int(), boxes, (1, 1, 1, 1))
-    with pytest.raises(TypeError, match="boxes must be float16, bfloat16, float32 or float64, got Long"):
-        rpn_ops.decode_boxes(codes, boxes.long(), (1, 1, 1, 1))
+    with pytest.raises(TypeError, match="boxes must be float16, bfloat16, float32 or float64, got Bool"):
+        rpn_ops.decode_boxes(codes, boxes.bool(), (1, 1, 1, 1))
     with pytest.raises(ValueError, match="weights must hold 4 numbers"):
         rpn_ops.decode_boxes(codes, boxes, (1, 1, 1))
     with pytest.raises(ValueError, match="weights must be finite and > 0"):
@@ -301,3 +301,12 @@ def test_cpu_autocast_matches_torchvision_under_autocast(dtype):
         expected = TorchvisionBoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(codes, anchors)
         got = rpn_ops.decode_boxes(codes, anchors, (1.0, 1.0, 1.0, 1.0))
     assert_bits_equal(got, expected)
+
+
+def test_decode_of_integer_boxes_converts_them_as_torchvision(device):
+    """decode_single converts the reference boxes to the codes' dtype first, integer boxes included."""
+    boxes = anchors_like(200, seed=30).round().to(torch.int64)
+    codes = deltas(200, 1, seed=30)
+    expected = TorchvisionBoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(codes, boxes)
+    got = rpn_ops.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(codes.to(device), boxes.to(device))
+    assert_bits_equal(got.cpu(), expected)

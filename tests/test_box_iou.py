@@ -210,3 +210,75 @@ def test_cuda_output_beyond_2_31_elements():
     finally:
         del got
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradients, and every input torchvision's box_iou takes
+# ---------------------------------------------------------------------------------------------------------
+
+def test_gradients_equal_torchvision(device):
+    boxes1 = generic_boxes(40, seed=30, device=device).requires_grad_()
+    boxes2 = near(boxes1.detach().cpu(), 30, seed=31).to(device).requires_grad_()
+    grad = torch.randn(40, 30, device=device)
+    ours = torch.autograd.grad(rpn_ops.box_iou(boxes1, boxes2), (boxes1, boxes2), grad)
+    theirs = torch.autograd.grad(torchvision.ops.box_iou(boxes1, boxes2), (boxes1, boxes2), grad)
+    for g, e in zip(ours, theirs):
+        assert torch.equal(g, e)
+
+
+def test_gradcheck_in_float64(device):
+    boxes1 = generic_boxes(6, seed=32, dtype=torch.float64, device=device).requires_grad_()
+    boxes2 = near(boxes1.detach().cpu(), 5, seed=33).double().to(device).requires_grad_()
+    assert torch.autograd.gradcheck(rpn_ops.box_iou, (boxes1, boxes2))
+    assert torch.autograd.gradgradcheck(rpn_ops.box_iou, (boxes1, boxes2))
+
+
+def test_opcheck_with_inputs_that_require_grad(device):
+    boxes = generic_boxes(12, seed=34, device=device)
+    for args in [(boxes.requires_grad_(), boxes[:5].detach()), (boxes.double().requires_grad_(),
+                                                                 boxes.double().detach().requires_grad_())]:
+        torch.library.opcheck(torch.ops.rpn_ops.box_iou.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64, torch.uint8])
+def test_integer_boxes_give_torchvisions_float_iou(device, dtype):
+    boxes1 = (generic_boxes(30, seed=35) / 6).to(dtype)  # within uint8's range
+    boxes2 = near(boxes1.float(), 20, seed=36).clamp(0, 255).to(dtype)
+    expected = torchvision.ops.box_iou(boxes1, boxes2)
+    got = rpn_ops.box_iou(boxes1.to(device), boxes2.to(device))
+    assert got.dtype == expected.dtype == torch.float32
+    assert_same_iou(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype1, dtype2", [(torch.float32, torch.float64), (torch.float64, torch.float16),
+                                            (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                            (torch.int32, torch.float32), (torch.float64, torch.int64)])
+def test_mixed_dtypes_are_promoted_as_torchvision_promotes_them(device, dtype1, dtype2):
+    boxes1, boxes2 = generic_boxes(25, seed=37).to(dtype1), generic_boxes(15, seed=38).to(dtype2)
+    expected = torchvision.ops.box_iou(boxes1, boxes2)
+    got = rpn_ops.box_iou(boxes1.to(device), boxes2.to(device))
+    assert got.dtype == expected.dtype
+    if torch.float16 in (dtype1, dtype2) and torch.float64 not in (dtype1, dtype2):
+        torch.testing.assert_close(got.cpu(), expected)  # torchvision subtracts float16 corners in float16 too
+    else:
+        assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("fmt", ["xyxy", "xywh", "cxcywh"])
+def test_box_formats_give_torchvisions_iou(device, fmt):
+    boxes1 = torchvision.ops.box_convert(generic_boxes(30, seed=39), "xyxy", fmt)
+    boxes2 = torchvision.ops.box_convert(generic_boxes(20, seed=40), "xyxy", fmt)
+    expected = torchvision.ops.box_iou(boxes1, boxes2, fmt=fmt)
+    assert torch.equal(rpn_ops.box_iou(boxes1.to(device), boxes2.to(device), fmt=fmt).cpu(), expected)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.torchvision, "box_iou_rotated"), reason="torchvision < 0.29")
+def test_rotated_box_formats_are_torchvisions():
+    boxes = torch.tensor([[10.0, 10.0, 8.0, 4.0, 30.0], [12.0, 11.0, 6.0, 6.0, 0.0]])
+    assert torch.equal(rpn_ops.box_iou(boxes, boxes, fmt="cxcywhr"), torchvision.ops.box_iou(boxes, boxes,
+                                                                                              fmt="cxcywhr"))
+
+
+def test_an_unknown_format_is_named():
+    with pytest.raises(ValueError, match="fmt must be 'xyxy', 'xywh' or 'cxcywh', got 'yxyx'"):
+        rpn_ops.box_iou(torch.zeros(1, 4), torch.zeros(1, 4), fmt="yxyx")

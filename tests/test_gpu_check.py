@@ -37,7 +37,7 @@ def checkout_copy(tmp_path_factory):
     the dry run reuses it instead of compiling (minutes on two cores) and leaves this checkout's build alone."""
     copy = tmp_path_factory.mktemp("gpu-check") / "checkout"
     shutil.copytree(REPO_ROOT, copy, ignore=NOT_COPIED)
-    library = Path(rpn_ops._library._C.__file__)
+    library = Path(rpn_ops.library_path())
     shutil.copyfile(library, copy / "rpn_ops" / library.name)
     return copy
 

@@ -494,3 +494,19 @@ def test_non_finite_boxes_are_refused(device, where, value):
         rpn_ops.match_anchors(gts, anchors)
     with pytest.raises(ValueError, match="infinite or NaN coordinate"):
         rpn_ops.assign_targets(anchors, gts)
+
+
+def test_assign_targets_gradients_equal_torchvision(device):
+    """Matched boxes and regression targets are differentiable in the ground truth and the anchors, as
+    torchvision's gathered boxes and encode are (to float32 rounding: a ground-truth box's gradient sums thousands
+    of terms over its matched anchors, in another order)."""
+    anchors, gts = batch_scene(device, kinds=("crowded", "empty", "random"))
+    gradients = []
+    for assign in (rpn_ops.assign_targets, tv_assign):
+        leaves = [t.detach().clone().requires_grad_() for t in anchors + gts]
+        _, matched, targets = assign(leaves[:len(anchors)], leaves[len(anchors):])
+        weights = torch.linspace(-1.0, 1.0, 4, device=device)
+        loss = sum((m * weights).sum() + (t * weights.flip(0)).sum() for m, t in zip(matched, targets))
+        gradients.append(torch.autograd.grad(loss, [leaf for leaf in leaves if leaf.numel() > 0]))
+    for got, expected in zip(*gradients):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, equal_nan=True)  # NaN: zero-width anchors

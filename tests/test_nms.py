@@ -366,3 +366,15 @@ def test_inputs_are_not_modified(device):
     boxes_before, scores_before = boxes.clone(), scores.clone()
     rpn_ops.nms(boxes, scores, 0.5)
     assert torch.equal(boxes, boxes_before) and torch.equal(scores, scores_before)
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*deprecated")  # torch >= 2.14
+@pytest.mark.parametrize("scale, zero_point", [(1.0, 1), (0.05, 3)])
+def test_quantized_boxes_are_compared_dequantized_as_in_torchvision(scale, zero_point):
+    """torchvision's quantized NMS keeps what its NMS keeps on the dequantized inputs (its test_qnms)."""
+    boxes, scores = workloads.rpn_like_boxes(300, seed=9, image_size=(12, 12))
+    qboxes = torch.quantize_per_tensor(boxes.clamp(min=0), scale=scale, zero_point=zero_point, dtype=torch.quint8)
+    qscores = torch.quantize_per_tensor(scores * 10, scale=scale, zero_point=zero_point, dtype=torch.quint8)
+    expected = torchvision.ops.nms(qboxes, qscores, 0.5)
+    assert_indices(rpn_ops.nms(qboxes, qscores, 0.5), expected, "cpu")
+    assert_indices(rpn_ops.nms(qboxes.dequantize(), qscores.dequantize(), 0.5), expected, "cpu")

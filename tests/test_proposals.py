@@ -399,3 +399,12 @@ def test_mixed_devices_are_rejected():
     inputs = Inputs(2, (64, 96), seed=24)
     with pytest.raises(RuntimeError, match="same device as objectness"):
         _bad(inputs, pred_bbox_deltas=inputs.deltas.cuda())
+
+
+def test_anchors_that_require_grad_are_refused_with_a_clear_error():
+    """generate_proposals gives no gradient (torchvision's decode would, to the anchors): it says so instead of
+    returning proposals that silently carry none."""
+    anchors = workloads.random_boxes(40, seed=3).requires_grad_()
+    objectness, deltas = torch.randn(40, 1), torch.randn(40, 4)
+    with pytest.raises(ValueError, match="does not propagate gradients to the anchors"):
+        rpn_ops.generate_proposals(objectness, deltas, anchors, [(100, 100)], [40], 10, 10)
