@@ -3,17 +3,25 @@
 The library is plain C++ on libtorch, with no Python in it: ``torch.ops.load_library(rpn_ops.library_path())``
 loads it into any process (a TorchScript or AOTInductor model that uses the operators), as C++ programs load it
 with ``dlopen`` or by linking."""
+import glob
+import importlib.machinery
 import importlib.util
 import json
+import os
 
 import torch
 
 
 def _find_library() -> str:
+    """rpn_ops/_C's newest build: a folder rebuilt in place can still hold an older build under another name
+    (``_C.cpython-311-x86_64-linux-gnu.so`` from before the library became ``_C.abi3.so``), which Python's
+    import order would prefer."""
     spec = importlib.util.find_spec("rpn_ops._C")
     if spec is None or spec.origin is None:
         raise ImportError("no compiled library rpn_ops/_C*.so next to the rpn_ops package")
-    return spec.origin
+    builds = [path for suffix in importlib.machinery.EXTENSION_SUFFIXES
+              for path in glob.glob(os.path.join(os.path.dirname(spec.origin), "_C" + suffix))]
+    return max(builds, key=os.path.getmtime, default=spec.origin)
 
 
 def _load() -> str:
