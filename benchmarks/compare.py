@@ -63,18 +63,21 @@ def report_text(old_path: Path, new_path: Path, threshold: float, table) -> Tupl
     return "\n".join(lines), regressions
 
 
+def _readme_ms(result, impl: str) -> str:
+    """A median as the README's tables print it ("-" where it was not measured)."""
+    median = None if result is None else _median(result, impl)
+    return "-" if median is None else f"{median:.3g}" if median < 10 else f"{median:.1f}" if median < 100 \
+        else f"{median:.0f}"
+
+
 def readme_table(report: dict) -> str:
     """The README's results table for a report: op, workload, the three medians and the speedup."""
-    def ms(result, impl):
-        median = _median(result, impl)
-        return "-" if median is None else f"{median:.3g}" if median < 10 else f"{median:.1f}" if median < 100 \
-            else f"{median:.0f}"
-
     rows = ["| op | workload | rpn_ops ms | torchvision ms | plain PyTorch ms | speedup vs torchvision |",
             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         speedup = r.get("speedup", {}).get("torchvision")
-        rows.append(f"| {r['op']} | {r['label']} | {ms(r, 'ours')} | {ms(r, 'torchvision')} | {ms(r, 'reference')} | "
+        rows.append(f"| {r['op']} | {r['label']} | {_readme_ms(r, 'ours')} | {_readme_ms(r, 'torchvision')} | "
+                    f"{_readme_ms(r, 'reference')} | "
                     + (f"**{speedup:.1f}x** |" if speedup else "- |"))
     return "\n".join(rows)
 
@@ -82,10 +85,6 @@ def readme_table(report: dict) -> str:
 def readme_load_table(quiet: dict, loaded: dict) -> str:
     """The README's busy-machine table: per workload of the ``--load`` run, ours and torchvision on the quiet
     machine, then ours (default threads and one thread) and torchvision next to the busy processes."""
-    def ms(result, impl):
-        median = None if result is None else _median(result, impl)
-        return "-" if median is None else f"{median:.3g}" if median < 100 else f"{median:.0f}"
-
     def ratio(result, other):
         value = None if result is None else result.get("speedup", {}).get(other)
         return "-" if value is None else f"{value:.1f}x"
@@ -98,7 +97,8 @@ def readme_load_table(quiet: dict, loaded: dict) -> str:
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in loaded["results"]:
         q = quiet_results.get((r["workload"], r["device"]))
-        rows.append(f"| {r['op']} | {r['label']} | {ms(q, 'ours')} | {ms(q, 'torchvision')} | {ms(r, 'ours')} | "
-                    f"{ms(r, 'ours_1_thread')} | {ms(r, 'torchvision')} | {ratio(r, 'torchvision')} | "
+        rows.append(f"| {r['op']} | {r['label']} | {_readme_ms(q, 'ours')} | {_readme_ms(q, 'torchvision')} | "
+                    f"{_readme_ms(r, 'ours')} | {_readme_ms(r, 'ours_1_thread')} | {_readme_ms(r, 'torchvision')} | "
+                    f"{ratio(r, 'torchvision')} | "
                     f"{ratio(r, 'ours_1_thread')} |")
     return "\n".join(rows)

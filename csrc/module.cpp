@@ -1,4 +1,4 @@
-// What this build contains, and the CPU instruction-set switch, as operators of the library: rpn_ops/_C is a plain
+// What this build contains, and the CPU switches (instruction set, threading), as operators of the library: rpn_ops/_C is a plain
 // shared library of operators (no Python in it), so that torch.ops.load_library and C++ programs (libtorch) load
 // it as they load torchvision's.
 #include <torch/library.h>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/parallel.h"
 
 #ifndef RPN_OPS_CUDA_VERSION
 #define RPN_OPS_CUDA_VERSION ""
@@ -45,11 +46,14 @@ std::string build_info() {
 
 void set_cpu_isa(std::string name) { rpn_ops::cpu::set_isa(name); }
 
+void set_cpu_threading(std::string mode) { rpn_ops::cpu::set_cpu_threading(mode); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_set_cpu_isa(str name) -> ()", &set_cpu_isa);
+  m.def("_set_cpu_threading(str mode) -> ()", &set_cpu_threading);
 }
 
 #ifdef _WIN32

@@ -1,7 +1,7 @@
 #include "parallel.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <c10/util/Exception.h>
 
 #include <atomic>
 #include <chrono>
@@ -147,12 +147,6 @@ bool cores_are_busy() {
   return running > cores;
 }
 
-void set_cpu_threading(const std::string& mode) {
-  TORCH_CHECK(mode == "auto" || mode == "idle" || mode == "busy",
-              "_set_cpu_threading: mode must be 'auto' (look at the machine), 'idle' or 'busy', got '", mode, "'");
-  assumed_machine = mode == "idle" ? Machine::kIdle : mode == "busy" ? Machine::kBusy : Machine::kLook;
-}
-
 }  // namespace
 
 void parallel_for(int64_t count, int64_t grain, c10::function_ref<void(int64_t, int64_t)> body) {
@@ -182,8 +176,10 @@ void parallel_for(int64_t count, int64_t grain, c10::function_ref<void(int64_t, 
   if (pieces->error) std::rethrow_exception(pieces->error);
 }
 
-TORCH_LIBRARY_FRAGMENT(rpn_ops, m) {
-  m.def("_set_cpu_threading(str mode) -> ()", [](std::string mode) { set_cpu_threading(mode); });
+void set_cpu_threading(const std::string& mode) {
+  TORCH_CHECK(mode == "auto" || mode == "idle" || mode == "busy",
+              "_set_cpu_threading: mode must be 'auto' (look at the machine), 'idle' or 'busy', got '", mode, "'");
+  assumed_machine = mode == "idle" ? Machine::kIdle : mode == "busy" ? Machine::kBusy : Machine::kLook;
 }
 
 }  // namespace rpn_ops::cpu

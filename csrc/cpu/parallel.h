@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 namespace rpn_ops::cpu {
 
@@ -51,5 +52,8 @@ constexpr int64_t grain_for_tasks(int64_t tasks, double total_ns) {
 // The first exception of a piece is rethrown here, after every started piece has finished; pieces not started
 // yet are skipped.
 void parallel_for(int64_t count, int64_t grain, c10::function_ref<void(int64_t, int64_t)> body);
+
+// "auto" (look at the machine), or "idle" / "busy" to take that path whatever the machine: for tests.
+void set_cpu_threading(const std::string& mode);
 
 }  // namespace rpn_ops::cpu
