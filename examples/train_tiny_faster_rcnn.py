@@ -109,8 +109,14 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--image-size", type=int, default=320, help="side of the square synthetic images")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: its own choice). PyTorch's multi-threaded CPU "
+                             "training is not reproducible to the bit on a busy machine, torchvision's against "
+                             "itself included; with 1 thread it is")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=len(CLASSES))

@@ -540,7 +540,7 @@ def test_a_ddp_training_step_on_two_cpu_processes_matches_torchvision():
 def test_the_training_example_runs_and_reports_equal_losses():
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "examples", "train_tiny_faster_rcnn.py"), "--steps", "2",
-         "--batch-size", "1", "--image-size", "160"],
+         "--batch-size", "1", "--image-size", "160", "--threads", "1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])})
     assert result.returncode == 0, result.stderr[-3000:]
