@@ -27,7 +27,8 @@ REFERENCE_NMS_MAX_BOXES = 5_000  # the reference NMS is a Python loop per kept b
 class Workload:
     name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
     op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets", "generate_proposals",
-    #  "rpn" (torchvision's RegionProposalNetwork, patched or not), "model" (a whole Faster R-CNN, patched or not)
+    #  "rpn" (torchvision's RegionProposalNetwork, patched or not), "model" (a whole Faster R-CNN, patched or not),
+    #  "retinanet" (a RetinaNet's post-process or training targets, patched or not)
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -370,6 +371,82 @@ def model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("
         series=mode, devices=devices, min_runs=3)
 
 
+RETINANET_STRIDES = (8, 16, 32, 64, 128)  # P3-P7
+
+
+@lru_cache(maxsize=None)
+def _retinanets(device: torch.device):
+    """A randomly initialised retinanet_resnet50_fpn (91 classes, torchvision's settings), built once per device,
+    and a copy with rpn_ops.patch_torchvision applied: (torchvision's, ours)."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+    torch.manual_seed(0)
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None).to(device).eval()
+    return model, rpn_ops.patch_torchvision(copy.deepcopy(model))
+
+
+def _retinanet_anchors(num_images: int, device):
+    images, features = workloads.fpn_batch(num_images, device=device, strides=RETINANET_STRIDES)
+    model, _ = _retinanets(torch.device(device))
+    return images, features, model.anchor_generator(images, features)
+
+
+def _retinanet_head_inputs(num_images: int, device):
+    """Trained-like head outputs of 800 x 1216 images: class logits mostly far below the 0.05 score threshold
+    (about 1 in 150 above it), a few saturated (sigmoid exactly 1.0: ties); per-level lists as
+    postprocess_detections takes them, with each image's anchors split by level."""
+    images, features, anchors = _retinanet_anchors(num_images, device)
+    generator = torch.Generator().manual_seed(0)
+    per_level = [f.shape[-2] * f.shape[-1] * 9 for f in features]
+    logits = torch.randn(num_images, sum(per_level), 91, generator=generator) * 1.5 - 7.0
+    logits.view(-1)[torch.randint(0, logits.numel(), (2_000,), generator=generator)] = 30.0
+    deltas = workloads.box_deltas(num_images * sum(per_level), scale=0.5).reshape(num_images, -1, 4)
+    head_outputs = {"cls_logits": list(logits.to(device).split(per_level, 1)),
+                    "bbox_regression": list(deltas.to(device).split(per_level, 1))}
+    return head_outputs, [list(a.split(per_level)) for a in anchors], images.image_sizes
+
+
+def retinanet_postprocess_workload(num_images: int) -> Workload:
+    """torchvision: RetinaNet.postprocess_detections (per image and level: sigmoid, threshold, top-k, decode,
+    clip; then batched_nms); ours: the patched model's."""
+    height, width = workloads.IMAGE_SIZE
+
+    def run(which, head_outputs, anchors, image_sizes):
+        model = _retinanets(head_outputs["cls_logits"][0].device)[which]
+        return [t for d in model.postprocess_detections(head_outputs, anchors, image_sizes) for t in d.values()]
+
+    return Workload(
+        f"retinanet-postprocess-{height}x{width}-b{num_images}", "retinanet",
+        f"RetinaNet detections, {height}x{width}, batch {num_images}, 91 classes", dict(images=num_images),
+        partial(_retinanet_head_inputs, num_images), partial(run, 1), partial(run, 0), None,
+        size=num_images, size_unit="images (800 x 1216, FPN)", series="post-process")
+
+
+def _retinanet_target_inputs(num_images: int, num_gt: int, device):
+    _, _, anchors = _retinanet_anchors(num_images, device)
+    return anchors, [{"boxes": workloads.gt_boxes(num_gt, seed=i, device=device)} for i in range(num_images)]
+
+
+def _torchvision_retinanet_matches(anchors, targets):
+    matcher = _retinanets(anchors[0].device)[0].proposal_matcher
+    return [matcher(torchvision.ops.box_iou(t["boxes"], a)) for a, t in zip(anchors, targets)]
+
+
+def retinanet_targets_workload(num_images: int, num_gt: int) -> Workload:
+    """torchvision: RetinaNet.compute_loss's matching (box_iou + Matcher(0.5, 0.4, low-quality matches) per
+    image); ours: the patched model's, one match_anchors call."""
+    from rpn_ops.torchvision_patch import _matched_idxs
+    height, width = workloads.IMAGE_SIZE
+
+    def ours(anchors, targets):
+        return _matched_idxs(anchors, targets, _retinanets(anchors[0].device)[1].proposal_matcher)
+
+    return Workload(
+        f"retinanet-targets-{height}x{width}-b{num_images}-{num_gt}gt", "retinanet",
+        f"RetinaNet training targets, {height}x{width}, batch {num_images}, {num_gt} GT each",
+        dict(images=num_images, gt=num_gt), partial(_retinanet_target_inputs, num_images, num_gt), ours,
+        _torchvision_retinanet_matches, None, size=num_gt, size_unit="GT boxes per image", series="targets")
+
+
 def _full_only(workload: Workload, full_only: bool = True) -> Workload:
     return replace(workload, full_only=full_only)
 
@@ -398,6 +475,8 @@ WORKLOADS: List[Workload] = [
       for training in (False, True)),
     *(rpn_workload(8, training, with_head=False, fused=True, devices=("cuda",)) for training in (False, True)),
     *(_full_only(model_workload(2, training)) for training in (False, True)),
+    retinanet_postprocess_workload(2),
+    retinanet_targets_workload(2, 50),
     *(model_workload(8, training, devices=("cuda",)) for training in (False, True)),
 ]
 

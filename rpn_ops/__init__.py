@@ -6,7 +6,7 @@ from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anc
 from .ops import batched_nms, box_iou, decode_boxes, encode_boxes, grid_anchors, nms
 from .proposals import AnchorGrid, generate_proposals
 
-_TORCHVISION_PATCH = ("RegionProposalNetwork", "RoIHeads", "patch_torchvision", "patch_torchvision_ops",
+_TORCHVISION_PATCH = ("RegionProposalNetwork", "RetinaNet", "RoIHeads", "patch_torchvision", "patch_torchvision_ops",
                       "unpatch_torchvision_ops")
 
 
@@ -18,7 +18,7 @@ def __getattr__(name):  # the torchvision patch imports torchvision: loaded on f
 
 
 __all__ = [
-    "AnchorGenerator", "AnchorGrid", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RoIHeads",
+    "AnchorGenerator", "AnchorGrid", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RetinaNet", "RoIHeads",
     "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "encode_boxes",
     "generate_proposals", "grid_anchors", "library_path", "match_anchors", "nms", "patch_torchvision", "patch_torchvision_ops",
     "set_cpu_isa", "unpatch_torchvision_ops",

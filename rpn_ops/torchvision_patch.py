@@ -14,6 +14,7 @@ import torchvision
 import torchvision.ops.boxes as tv_boxes
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as tv_det_utils
+from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection import rpn as tv_rpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -22,7 +23,7 @@ from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHea
 from . import _portable
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
-from .matching import BalancedPositiveNegativeSampler, assign_targets
+from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors
 from .ops import batched_nms, box_iou, nms
 from .proposals import proposal_lists
 
@@ -289,6 +290,93 @@ class RoIHeads(TorchvisionRoIHeads):
         return all_boxes, all_scores, all_labels
 
 
+def _matched_idxs(anchors: List[Tensor], targets: List[Dict[str, Tensor]], matcher: tv_det_utils.Matcher
+                  ) -> List[Tensor]:
+    """Per image, ``matcher(box_iou(target boxes, anchors))`` as torchvision computes it (-1 everywhere for an
+    image without boxes), from one :func:`rpn_ops.match_anchors` call for the batch: no ``[G, A]`` matrix."""
+    matched: List[Tensor] = []
+    gt_list: List[Tensor] = []
+    anchor_list: List[Tensor] = []
+    for anchors_per_image, targets_per_image in zip(anchors, targets):
+        matched.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device))
+        if targets_per_image["boxes"].numel() > 0:
+            gt_list.append(targets_per_image["boxes"])
+            anchor_list.append(anchors_per_image)
+    if len(gt_list) == 0:
+        return matched
+    found = match_anchors(gt_list, anchor_list, matcher.high_threshold, matcher.low_threshold,
+                          matcher.allow_low_quality_matches)
+    assert isinstance(found, list)
+    next_found = 0
+    for image, targets_per_image in enumerate(targets):
+        if targets_per_image["boxes"].numel() > 0:
+            matched[image] = found[next_found]
+            next_found += 1
+    return matched
+
+
+class RetinaNet(tv_retinanet.RetinaNet):
+    """torchvision's ``RetinaNet`` (v1 and v2: same constructor, parameters, ``state_dict`` keys, settings,
+    detections and losses) running on rpn_ops: its anchor generator and box coder become rpn_ops', the training
+    targets come from one :func:`rpn_ops.match_anchors` call for the batch (torchvision's ``Matcher`` of a
+    ``[G, A]`` IoU matrix per image, without the matrix), and the detections from rpn_ops' decode and NMS.
+    ``patch_torchvision`` switches a model to this class in place.
+
+    With ``torchvision_tie_order = True`` (the default) rpn_ops' NMS runs inside the calls torchvision's
+    ``batched_nms`` makes around its own: the detections torchvision returns, in its order even among equal
+    scores. With ``False``, one :func:`rpn_ops.batched_nms` call with early exit at ``detections_per_img``: the
+    same detections, equal scores in index order. The regression head keeps torchvision's box coder: its loss
+    backpropagates through it."""
+
+    __annotations__ = {"box_coder": BoxCoder, "proposal_matcher": tv_det_utils.Matcher}
+    torchvision_tie_order = True
+
+    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor], anchors: List[Tensor]
+                     ) -> Dict[str, Tensor]:
+        if not torch.jit.is_scripting():
+            if type(self.proposal_matcher) is not tv_det_utils.Matcher:  # another rule than Matcher's: torchvision's
+                return tv_retinanet.RetinaNet.compute_loss(self, targets, head_outputs, anchors)
+        return self.head.compute_loss(targets, head_outputs, anchors,
+                                      _matched_idxs(anchors, targets, self.proposal_matcher))
+
+    def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]], anchors: List[List[Tensor]],
+                               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """torchvision's steps per image and level (sigmoid scores above ``score_thresh``, the best
+        ``topk_candidates``, decode of those, clip), then per-class NMS and the best ``detections_per_img``,
+        with rpn_ops' decode and NMS."""
+        class_logits = head_outputs["cls_logits"]
+        box_regression = head_outputs["bbox_regression"]
+        detections: List[Dict[str, Tensor]] = []
+        for index in range(len(image_shapes)):
+            image_boxes: List[Tensor] = []
+            image_scores: List[Tensor] = []
+            image_labels: List[Tensor] = []
+            for box_regression_per_level, logits_per_level, anchors_per_level in zip(
+                    [br[index] for br in box_regression], [cl[index] for cl in class_logits], anchors[index]):
+                num_classes = logits_per_level.shape[-1]
+                scores_per_level = torch.sigmoid(logits_per_level).flatten()
+                keep_idxs = scores_per_level > self.score_thresh
+                scores_per_level = scores_per_level[keep_idxs]
+                topk_idxs = torch.where(keep_idxs)[0]
+                num_topk = tv_det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
+                scores_per_level, idxs = scores_per_level.topk(num_topk)
+                topk_idxs = topk_idxs[idxs]
+                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+                boxes_per_level = self.box_coder.decode_single(box_regression_per_level[anchor_idxs],
+                                                               anchors_per_level[anchor_idxs])
+                image_boxes.append(tv_boxes.clip_boxes_to_image(boxes_per_level, image_shapes[index]))
+                image_scores.append(scores_per_level)
+                image_labels.append(topk_idxs % num_classes)
+            boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+            if self.torchvision_tie_order:
+                keep = _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)
+                keep = keep[: self.detections_per_img]
+            else:
+                keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return detections
+
+
 def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> nn.Module:
     """Puts rpn_ops inside a torchvision detection model, in place, and returns the model.
 
@@ -296,8 +384,9 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
     ...)``), Mask R-CNN, Keypoint R-CNN, or any module whose ``rpn`` is torchvision's ``RegionProposalNetwork``.
     ``model.rpn`` becomes :class:`rpn_ops.RegionProposalNetwork` (sharing the head; a custom anchor generator
     is kept as it is), and ``model.roi_heads``, when it is torchvision's ``RoIHeads``, becomes
-    :class:`rpn_ops.RoIHeads` (rpn_ops' box coder and NMS). Parameters, ``state_dict`` keys, configuration and
-    training mode are unchanged. Patching twice is harmless.
+    :class:`rpn_ops.RoIHeads` (rpn_ops' box coder and NMS). Or ``model`` is a RetinaNet (v1 or v2), which becomes
+    :class:`rpn_ops.RetinaNet`. Parameters, ``state_dict`` keys, configuration and training mode are unchanged.
+    Patching twice is harmless.
 
     Args:
         torchvision_tie_order: ``True`` (default): detections, proposals and training losses equal the
@@ -307,19 +396,28 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
             unspecified one (see :class:`RegionProposalNetwork`).
 
     Raises:
-        TypeError: ``model`` is not a module whose ``rpn`` is torchvision's ``RegionProposalNetwork``, or its
-            ``rpn`` / ``roi_heads`` is a subclass of torchvision's class, whose overrides would be lost, or
-            ``torchvision_tie_order`` is not a bool.
+        TypeError: ``model`` is neither a RetinaNet nor a module whose ``rpn`` is torchvision's
+            ``RegionProposalNetwork``, or it (a RetinaNet) or its ``rpn`` / ``roi_heads`` is a subclass of
+            torchvision's class, whose overrides would be lost, or ``torchvision_tie_order`` is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_torchvision needs a torchvision detection model (an nn.Module), got "
                         f"{type(model).__name__}")
     if not isinstance(torchvision_tie_order, bool):
         raise TypeError(f"torchvision_tie_order must be True or False, got {torchvision_tie_order!r}")
+    if isinstance(model, tv_retinanet.RetinaNet):
+        if type(model) not in (tv_retinanet.RetinaNet, RetinaNet):
+            raise TypeError(f"patch_torchvision supports torchvision's RetinaNet class only; this model is "
+                            f"{type(model).__qualname__}, a subclass whose overrides would be lost")
+        model.anchor_generator = _our_anchor_generator(model.anchor_generator)
+        model.box_coder = _our_box_coder(model.box_coder)
+        model.__class__ = RetinaNet
+        model.torchvision_tie_order = torchvision_tie_order
+        return model
     rpn = getattr(model, "rpn", None)
     if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
-        raise TypeError(f"patch_torchvision needs a model whose .rpn is torchvision's RegionProposalNetwork "
-                        f"(Faster / Mask / Keypoint R-CNN); {type(model).__name__}.rpn is "
+        raise TypeError(f"patch_torchvision needs a RetinaNet or a model whose .rpn is torchvision's "
+                        f"RegionProposalNetwork (Faster / Mask / Keypoint R-CNN); {type(model).__name__}.rpn is "
                         f"{type(rpn).__name__ if rpn is not None else 'missing'}")
     if type(rpn) not in (tv_rpn.RegionProposalNetwork, RegionProposalNetwork):
         raise TypeError(f"patch_torchvision supports torchvision's RegionProposalNetwork only; this model has "
