@@ -40,6 +40,9 @@ def box_ops(device):
     yield "decode_boxes 2 classes", lambda: rpn_ops.decode_boxes(deltas, boxes, (1.0, 1.0, 1.0, 1.0))
     yield "decode_boxes float16", lambda: rpn_ops.decode_boxes(deltas[:, :4].half(), boxes.half(), (10, 10, 5, 5))
     yield "encode_boxes", lambda: rpn_ops.encode_boxes(gt[classes % 20], boxes, (1.0, 1.0, 1.0, 1.0))
+    logits = (torch.randn(3000, 91, generator=torch.Generator().manual_seed(2)) * 2 - 4).to(device)
+    yield "score_candidates", lambda: rpn_ops.score_candidates(logits, 0.05)
+    yield "score_candidates none kept", lambda: rpn_ops.score_candidates(logits, 0.9999999)
 
 
 def anchor_ops(device):

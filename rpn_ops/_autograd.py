@@ -92,8 +92,22 @@ def _assign_backward(ctx, _grad_labels, grad_matched, grad_targets):
     return (*grads, None, None, None, None, None, None, None)
 
 
+def _score_candidates_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.score_thresh = inputs[1]
+
+
+def _score_candidates_backward(ctx, grad_scores, _grad_indices):
+    def kept_scores(logits):  # torchvision's steps: the same kept set and scores as the forward
+        scores = torch.sigmoid(logits).flatten()
+        return scores[scores > ctx.score_thresh]
+    return _gradients_through(kept_scores, ctx.saved_tensors, (), (grad_scores,))[0], None
+
+
 torch.library.register_autograd("rpn_ops::box_iou", _box_iou_backward, setup_context=_setup_inputs)
 torch.library.register_autograd("rpn_ops::decode_boxes", _decode_backward, setup_context=_setup_inputs)
 torch.library.register_autograd("rpn_ops::encode_boxes", _encode_backward, setup_context=_setup_inputs)
 torch.library.register_autograd("rpn_ops::grid_anchors", _grid_anchors_backward, setup_context=_grid_anchors_setup)
 torch.library.register_autograd("rpn_ops::assign_targets", _assign_backward, setup_context=_assign_setup)
+torch.library.register_autograd("rpn_ops::score_candidates", _score_candidates_backward,
+                                setup_context=_score_candidates_setup)

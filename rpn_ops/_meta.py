@@ -153,3 +153,11 @@ def _generate_proposals_padded_fake(objectness, pred_bbox_deltas, anchors, image
     return (pred_bbox_deltas.new_empty((images, post_nms_top_n, 4), dtype=box_dtype),
             objectness.new_empty((images, post_nms_top_n), dtype=score_dtype),
             objectness.new_empty((images,), dtype=torch.int64))
+
+
+@torch.library.register_fake("rpn_ops::score_candidates")
+def _score_candidates_fake(logits, score_thresh):
+    torch._check(logits.dtype.is_floating_point,
+                 lambda: f"score_candidates: logits must be a floating tensor (class logits), got {logits.dtype}")
+    kept = torch.library.get_ctx().new_dynamic_size(max=logits.numel())
+    return logits.new_empty((kept,)), logits.new_empty((kept,), dtype=torch.int64)

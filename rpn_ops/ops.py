@@ -187,6 +187,35 @@ def _optional_int(value: Optional[int]) -> Optional[int]:
     return int(value)
 
 
+def score_candidates(logits: Tensor, score_thresh: float) -> Tuple[Tensor, Tensor]:
+    """The sigmoid scores of class logits above ``score_thresh`` and their flat indices, in index order: exactly
+    ``s = torch.sigmoid(logits).flatten(); keep = s > score_thresh; s[keep], torch.where(keep)[0]``, the step
+    torchvision's RetinaNet and FCOS post-process run per image and level, scores to the bit.
+
+    Only the logits that can pass the threshold get a sigmoid: one pass over ``[anchors, classes]`` logits instead
+    of torch's sigmoid, comparison and ``where`` over all of them. On the CPU each score is computed by the path
+    (vectorised or scalar, which round differently) that ``torch.sigmoid`` of the whole tensor takes at its
+    position, for the thread count in use; on x86 CPUs and CUDA. Elsewhere, and for float16 / bfloat16 logits or
+    a threshold outside (0, 1), torchvision's steps run. Differentiable (torchvision's gradients).
+
+    Args:
+        logits: class logits of any shape (contiguous, as a head's ``[anchors, classes]`` per image and level).
+        score_thresh: the score a candidate must exceed, compared in the logits' dtype.
+
+    Returns:
+        (scores ``[K]`` of the logits' dtype, indices ``[K]`` int64 into ``logits.flatten()``).
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"score_candidates: logits must be a tensor, got {type(logits).__name__}")
+        score_thresh = _number(score_thresh, "score_thresh")
+        if _portable.exporting_to_onnx():
+            scores = torch.sigmoid(logits).flatten()
+            keep = scores > score_thresh
+            return scores[keep], torch.where(keep)[0]
+    return torch.ops.rpn_ops.score_candidates(logits, score_thresh)
+
+
 def grid_anchors(
     cell_anchors: List[Tensor],
     grid_sizes: List[List[int]],

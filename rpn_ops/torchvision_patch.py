@@ -24,7 +24,7 @@ from . import _portable
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors
-from .ops import batched_nms, box_iou, nms
+from .ops import batched_nms, box_iou, nms, score_candidates
 from .proposals import proposal_lists
 
 _BOX_CODERS = (BoxCoder, tv_det_utils.BoxCoder)
@@ -319,7 +319,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
     """torchvision's ``RetinaNet`` (v1 and v2: same constructor, parameters, ``state_dict`` keys, settings,
     detections and losses) running on rpn_ops: its anchor generator and box coder become rpn_ops', the training
     targets come from one :func:`rpn_ops.match_anchors` call for the batch (torchvision's ``Matcher`` of a
-    ``[G, A]`` IoU matrix per image, without the matrix), and the detections from rpn_ops' decode and NMS.
+    ``[G, A]`` IoU matrix per image, without the matrix), and the detections from
+    :func:`rpn_ops.score_candidates` (no sigmoid of every class logit), rpn_ops' decode and NMS.
     ``patch_torchvision`` switches a model to this class in place.
 
     With ``torchvision_tie_order = True`` (the default) rpn_ops' NMS runs inside the calls torchvision's
@@ -354,10 +355,7 @@ class RetinaNet(tv_retinanet.RetinaNet):
             for box_regression_per_level, logits_per_level, anchors_per_level in zip(
                     [br[index] for br in box_regression], [cl[index] for cl in class_logits], anchors[index]):
                 num_classes = logits_per_level.shape[-1]
-                scores_per_level = torch.sigmoid(logits_per_level).flatten()
-                keep_idxs = scores_per_level > self.score_thresh
-                scores_per_level = scores_per_level[keep_idxs]
-                topk_idxs = torch.where(keep_idxs)[0]
+                scores_per_level, topk_idxs = score_candidates(logits_per_level, self.score_thresh)
                 num_topk = tv_det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
                 scores_per_level, idxs = scores_per_level.topk(num_topk)
                 topk_idxs = topk_idxs[idxs]

@@ -4,8 +4,10 @@ execution model on fibers), loaded as torch.ops.rpn_ops_emulated next to rpn_ops
 `EmulatedCuda()` is a dispatch mode that sends every call of a `torch.ops.rpn_ops` operator on CPU tensors to
 its emulated CUDA kernel instead, run once per emulator setting in RUNS (thread orders and sizing presets), and
 checks each run against the CPU kernel on the same inputs: the same outputs to the bit (or the same error),
-with the one difference the README documents (decode divides by a weight by multiplying by its reciprocal, as
-PyTorch's CUDA kernels do). The tests' `device` fixture uses it for its third device, "emulated".
+with the differences the README documents (decode divides by a weight by multiplying by its reciprocal, as
+PyTorch's CUDA kernels do; score_candidates computes each sigmoid alone, as torch.sigmoid's CUDA kernel does).
+PyTorch's own division by a number follows CUDA's rule there too, and its sigmoid inside sigmoid_as_on_cuda(). The
+tests' `device` fixture uses it for its third device, "emulated".
 
 The module is built on first use into build/emulated/ (ninja rebuilds only what changed). With
 RPN_OPS_EMULATOR_ASAN=1 it is the AddressSanitizer build, in build/emulated-asan/, whose runtime must be preloaded
@@ -186,9 +188,58 @@ def _powers_of_two(weights) -> bool:
     return all(w > 0 and math.frexp(w)[0] == 0.5 for w in weights)
 
 
+def one_by_one_sigmoid_candidates(logits, score_thresh):
+    """score_candidates as its CUDA kernel computes it: each score alone, as torch.sigmoid's CUDA kernel does,
+    which on the CPU is torch.sigmoid's scalar path (taken for a non-contiguous input). The CPU kernel gives
+    torch.sigmoid's CPU bits instead, where vectorised and scalar paths round differently."""
+    scores = _cuda_sigmoid(torch.ops.aten.sigmoid.default, logits).flatten()
+    kept = torch.where(scores > score_thresh)[0]
+    return scores[kept], kept
+
+
+_SIGMOIDS = {torch.ops.aten.sigmoid.default, torch.ops.aten.sigmoid_.default}
+_sigmoid_as_on_cuda = False
+
+
+@contextlib.contextmanager
+def sigmoid_as_on_cuda():
+    """Inside, on the emulated device, PyTorch's sigmoid of float32 / float64 tensors computes each element
+    alone, as its CUDA kernel does (see _cuda_sigmoid): for torchvision's one-stage post-process, whose scores
+    rpn_ops' score_candidates gives as torchvision computes them on the device. Off by default: rpn_ops' other
+    kernels call PyTorch's sigmoid themselves, and so match torchvision's on the CPU's terms."""
+    global _sigmoid_as_on_cuda
+    previous, _sigmoid_as_on_cuda = _sigmoid_as_on_cuda, True
+    try:
+        yield
+    finally:
+        _sigmoid_as_on_cuda = previous
+
+
+def _cuda_sigmoid(func, x):
+    """torch.sigmoid as its CUDA kernel computes it: each float32 / float64 element alone (the CPU's scalar path,
+    taken for a non-contiguous input, where the vectorised one rounds differently), so that torchvision's scores
+    on the emulated device are those it gives on a GPU. Other dtypes as on the CPU."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return func(x)
+    spread = x.new_zeros(2 * x.numel())
+    spread[::2] = x.reshape(-1)
+    scores = torch.ops.aten.sigmoid.default(spread[::2]).view(x.shape)
+    return x.copy_(scores) if func is torch.ops.aten.sigmoid_.default else scores
+
+
+def _cpu_twin(func, args, kwargs):
+    """What computes the CUDA kernel's answer on the CPU: the CPU kernel, except where the two differ by design."""
+    if func._schema.name.endswith("::score_candidates"):
+        logits, score_thresh = args
+        threshold = torch.tensor(score_thresh, dtype=logits.dtype).item() if logits.is_floating_point() else 0.0
+        if logits.dtype in (torch.float32, torch.float64) and 0.0 < threshold < 1.0:
+            return one_by_one_sigmoid_candidates, args, kwargs
+    return (func, *_cpu_twin_call(func, args, kwargs))
+
+
 def _cpu_twin_call(func, args, kwargs):
     """The CPU kernel's call that computes what the CUDA kernel does. decode_boxes divides a code by its weight
-    by multiplying with the reciprocal on CUDA, as PyTorch's CUDA kernel does (the README's one difference): its
+    by multiplying with the reciprocal on CUDA, as PyTorch's CUDA kernel does (a difference the README documents): its
     twin is the CPU kernel on cuda_divided_codes with weights of 1."""
     valid_weights = func._schema.name.endswith("::decode_boxes") and all(0 < w < math.inf for w in args[2])
     if valid_weights and not _powers_of_two(args[2]):
@@ -243,10 +294,12 @@ class EmulatedCuda(TorchDispatchMode):
             return func(*args, **kwargs)
         if func in _TRUE_DIVISIONS:
             return _cuda_true_division(func, *args, **kwargs)
+        if func in _SIGMOIDS and _sigmoid_as_on_cuda:
+            return _cuda_sigmoid(func, *args, **kwargs)
         emulated = _emulated_overload(func)
         if emulated is None:
             return func(*args, **kwargs)
-        expected, expected_error = _call(func, *_cpu_twin_call(func, args, kwargs))
+        expected, expected_error = _call(*_cpu_twin(func, args, kwargs))
         result = None
         for run in RUNS:
             with settings(run):

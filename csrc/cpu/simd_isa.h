@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "isa_targets.h"
 #include "simd_kernels.h"
@@ -41,6 +42,7 @@ constexpr int kVectorBytes = RPN_VECTOR_BYTES;
 #include "nms_greedy_impl.h"
 #include "box_iou_impl.h"
 #include "match_impl.h"
+#include "score_impl.h"
 }  // namespace rpn_ops::cpu::RPN_ISA
 
 #if defined(RPN_ISA_TARGET) && defined(__clang__)

@@ -1,11 +1,13 @@
 // The CPU hot loops, compiled once per instruction set (simd_{baseline,avx2,avx512}.cpp) and chosen at run
 // time with kernels_for(current_isa()): the greedy NMS over boxes laid out for SIMD and spatial pruning
-// (the layout is built by cpu/nms.cpp), rows of the IoU matrix (cpu/box_iou.cpp), and target assignment's
-// best-match and low-quality-match loops (cpu/matching.cpp).
+// (the layout is built by cpu/nms.cpp), rows of the IoU matrix (cpu/box_iou.cpp), target assignment's
+// best-match and low-quality-match loops (cpu/matching.cpp), and the scan for score candidates
+// (cpu/score_candidates.cpp).
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "isa_targets.h"
@@ -95,12 +97,17 @@ using MatchUpdate = T (*)(const ColumnBoxes<T>& anchors, const T* gt, MatchIndex
 template <typename T>
 using MatchFlag = void (*)(const ColumnBoxes<T>& anchors, const T* gt, T target, uint8_t* flags);
 
+// Appends to `out` the indices i in [begin, end) with values[i] > lower, in order.
+template <typename T>
+using IndicesAbove = void (*)(const T* values, int64_t begin, int64_t end, T lower, std::vector<int64_t>& out);
+
 template <typename T>
 struct Kernels {
   GreedyNms<T> greedy_nms;
   IouRows<T> iou_rows;
   MatchUpdate<T> match_update;
   MatchFlag<T> match_flag;
+  IndicesAbove<T> indices_above;
 };
 
 #define RPN_DECLARE_KERNELS(isa)                                                                            \
@@ -115,6 +122,8 @@ struct Kernels {
                  MatchIndex<T>* best_gt);                                                                   \
   template <typename T>                                                                                     \
   void match_flag(const ColumnBoxes<T>& anchors, const T* gt, T target, uint8_t* flags);                   \
+  template <typename T>                                                                                     \
+  void indices_above(const T* values, int64_t begin, int64_t end, T lower, std::vector<int64_t>& out);      \
   }
 RPN_DECLARE_KERNELS(baseline)
 RPN_DECLARE_KERNELS(avx2)
@@ -125,11 +134,16 @@ template <typename T>
 Kernels<T> kernels_for(Isa isa) {
 #if defined(RPN_OPS_X86_ISAS)
   if (isa == Isa::avx512) {
-    return {&avx512::greedy_nms<T>, &avx512::iou_rows<T>, &avx512::match_update<T>, &avx512::match_flag<T>};
+    return {&avx512::greedy_nms<T>, &avx512::iou_rows<T>, &avx512::match_update<T>, &avx512::match_flag<T>,
+            &avx512::indices_above<T>};
   }
-  if (isa == Isa::avx2) return {&avx2::greedy_nms<T>, &avx2::iou_rows<T>, &avx2::match_update<T>, &avx2::match_flag<T>};
+  if (isa == Isa::avx2) {
+    return {&avx2::greedy_nms<T>, &avx2::iou_rows<T>, &avx2::match_update<T>, &avx2::match_flag<T>,
+            &avx2::indices_above<T>};
+  }
 #endif
-  return {&baseline::greedy_nms<T>, &baseline::iou_rows<T>, &baseline::match_update<T>, &baseline::match_flag<T>};
+  return {&baseline::greedy_nms<T>, &baseline::iou_rows<T>, &baseline::match_update<T>, &baseline::match_flag<T>,
+          &baseline::indices_above<T>};
 }
 
 }  // namespace rpn_ops::cpu
