@@ -136,6 +136,8 @@ def every_op_once():
     grid = rpn_ops.AnchorGrid.from_generator(generator, images.tensors.shape[-2:], [f.shape[-2:] for f in features])
     rpn_ops.generate_proposals(objectness.double(), deltas.double(), grid, images.image_sizes, num_anchors_per_level,
                                50, 40)
+    logits = torch.randn(len(anchors[0]), 5, generator=torch.Generator().manual_seed(5)) * 2 - 3
+    rpn_ops.score_candidates(logits, 0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
