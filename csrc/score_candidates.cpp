@@ -1,8 +1,6 @@
 // Schema of score_candidates and the steps its CPU and CUDA kernels share (score_candidates.h).
 #include "score_candidates.h"
 
-#include <limits>
-
 #include "library.h"
 
 TORCH_LIBRARY_FRAGMENT(RPN_OPS_NAMESPACE, m) {

@@ -35,7 +35,7 @@ void check_score_candidates_input(const at::Tensor& logits, double score_thresh)
 std::tuple<at::Tensor, at::Tensor> score_candidates_by_sigmoid(const at::Tensor& logits, double score_thresh);
 
 // The kept (score > threshold, compared in the scores' dtype as torch compares a tensor with a Python float)
-// among candidates: scores [k] and indices [k] of the candidates, filtered together.
+// among the CUDA kernel's candidates: scores [k] and indices [k] of the candidates, filtered together.
 std::tuple<at::Tensor, at::Tensor> above_threshold(const at::Tensor& scores, const at::Tensor& indices,
                                                    double score_thresh);
 

@@ -76,8 +76,9 @@ std::vector<int64_t> indices_above(const T* logits, int64_t numel, T lower) {
 at::Tensor vector_sigmoid(const at::Tensor& values) {
   constexpr int64_t kPiece = 16384;
   const int64_t padded = (values.numel() + 63) / 64 * 64;
-  at::Tensor buffer = at::zeros({padded}, values.options());
+  at::Tensor buffer = at::empty({padded}, values.options());
   buffer.narrow(0, 0, values.numel()).copy_(values);
+  buffer.narrow(0, values.numel(), padded - values.numel()).zero_();
   for (int64_t begin = 0; begin < padded; begin += kPiece) {
     buffer.narrow(0, begin, std::min(kPiece, padded - begin)).sigmoid_();
   }
@@ -103,36 +104,30 @@ std::tuple<at::Tensor, at::Tensor> score_candidates(const at::Tensor& logits, do
     const scalar_t* x = flat.data_ptr<scalar_t>();
     const std::vector<int64_t> candidates =
         indices_above<scalar_t>(x, flat.numel(), static_cast<scalar_t>(bound.lower));
-    std::vector<int64_t> by_vector, by_scalar;
     std::vector<scalar_t> vector_values, scalar_values;
-    for (const int64_t i : candidates) {
-      if (paths.scalar(i)) {
-        by_scalar.push_back(i);
-        scalar_values.push_back(x[i]);
-      } else {
-        by_vector.push_back(i);
-        vector_values.push_back(x[i]);
-      }
-    }
+    for (const int64_t i : candidates) (paths.scalar(i) ? scalar_values : vector_values).push_back(x[i]);
     const auto options = flat.options();
     const at::Tensor vector_scores =
         vector_sigmoid(at::from_blob(vector_values.data(), {static_cast<int64_t>(vector_values.size())}, options));
     const at::Tensor scalar_scores =
         scalar_sigmoid(at::from_blob(scalar_values.data(), {static_cast<int64_t>(scalar_values.size())}, options));
-    // Back to index order: each list is in index order, so a merge.
+    // In index order again, keeping the scores above the threshold (compared in scalar_t, as torch compares).
     at::Tensor scores = at::empty({static_cast<int64_t>(candidates.size())}, options);
     at::Tensor indices = at::empty({static_cast<int64_t>(candidates.size())}, options.dtype(at::kLong));
     scalar_t* s = scores.data_ptr<scalar_t>();
     int64_t* idx = indices.data_ptr<int64_t>();
-    const scalar_t* vs = vector_scores.data_ptr<scalar_t>();
-    const scalar_t* ss = scalar_scores.data_ptr<scalar_t>();
-    size_t v = 0, c = 0;
-    for (size_t k = 0; k < candidates.size(); ++k) {
-      const bool from_vector = c == by_scalar.size() || (v < by_vector.size() && by_vector[v] < by_scalar[c]);
-      idx[k] = from_vector ? by_vector[v] : by_scalar[c];
-      s[k] = from_vector ? vs[v++] : ss[c++];
+    const scalar_t* vector_next = vector_scores.data_ptr<scalar_t>();
+    const scalar_t* scalar_next = scalar_scores.data_ptr<scalar_t>();
+    const scalar_t threshold = static_cast<scalar_t>(score_thresh);
+    int64_t kept = 0;
+    for (const int64_t i : candidates) {
+      const scalar_t score = paths.scalar(i) ? *scalar_next++ : *vector_next++;
+      if (score > threshold) {
+        s[kept] = score;
+        idx[kept++] = i;
+      }
     }
-    return above_threshold(scores, indices, score_thresh);
+    return std::make_tuple(scores.narrow(0, 0, kept), indices.narrow(0, 0, kept));
   });
 }
 
