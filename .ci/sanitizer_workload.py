@@ -58,9 +58,12 @@ def anchor_ops(device):
     yield "match_anchors", lambda: rpn_ops.match_anchors(gts[0], anchors[0], 0.7, 0.3, True)
     yield "match_anchors list, no low-quality", lambda: rpn_ops.match_anchors([gts[0]] * BATCH, anchors, 0.7, 0.3,
                                                                               False)
+    yield "match_anchors list, SSD's forced best anchors", lambda: rpn_ops.match_anchors(
+        [gts[0]] * BATCH, anchors, 0.5, 0.5, False, force_best_anchors=True)
+    per_level = [h * w * 3 for h, w in grid_sizes]
+    yield "match_fcos (one image without GT)", lambda: rpn_ops.match_fcos(gts, anchors, per_level)
     yield "assign_targets (one image without GT)", lambda: rpn_ops.assign_targets(anchors, gts)
 
-    per_level = [h * w * 3 for h, w in grid_sizes]
     g = torch.Generator().manual_seed(0)
     objectness = torch.randn(BATCH * sum(per_level), 1, generator=g).to(device)
     deltas = (torch.randn(BATCH * sum(per_level), 4, generator=g) * 0.5).to(device)

@@ -28,7 +28,8 @@ class Workload:
     name: str  # unique id, used by --ops and as the pytest id: "nms-20k-top1000"
     op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets", "generate_proposals",
     #  "rpn" (torchvision's RegionProposalNetwork, patched or not), "model" (a whole Faster R-CNN, patched or not),
-    #  "retinanet" (a RetinaNet's post-process or training targets, patched or not)
+    #  "retinanet" / "fcos" (the model's post-process or training targets, patched or not), "ssd" (an SSD's
+    #  post-process, training targets or whole model, patched or not)
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -447,6 +448,195 @@ def retinanet_targets_workload(num_images: int, num_gt: int) -> Workload:
         _torchvision_retinanet_matches, None, size=num_gt, size_unit="GT boxes per image", series="targets")
 
 
+@lru_cache(maxsize=None)
+def _fcoses(device: torch.device):
+    """A randomly initialised fcos_resnet50_fpn (91 classes, torchvision's settings) built once per device, and a
+    copy with rpn_ops.patch_torchvision applied: (torchvision's, ours)."""
+    from torchvision.models.detection import fcos_resnet50_fpn
+    torch.manual_seed(0)
+    model = fcos_resnet50_fpn(weights=None, weights_backbone=None).to(device).eval()
+    return model, rpn_ops.patch_torchvision(copy.deepcopy(model))
+
+
+def _fcos_anchors(num_images: int, device):
+    images, features = workloads.fpn_batch(num_images, device=device, strides=RETINANET_STRIDES)
+    model, _ = _fcoses(torch.device(device))
+    return images, model.anchor_generator(images, features), [f.shape[-2] * f.shape[-1] for f in features]
+
+
+def _fcos_head_inputs(num_images: int, device):
+    """Trained-like head outputs of 800 x 1216 images (class logits mostly far below FCOS's 0.2 score threshold, a
+    few saturated with their centerness: scores exactly 1.0), per level as postprocess_detections takes them."""
+    images, anchors, per_level = _fcos_anchors(num_images, device)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(num_images, sum(per_level), 91, generator=generator) * 1.5 - 6.0
+    saturated = torch.randint(0, logits.numel(), (2_000,), generator=generator)
+    logits.view(-1)[saturated] = 30.0
+    ctrness = torch.randn(num_images, sum(per_level), 1, generator=generator)
+    ctrness.view(-1)[torch.div(saturated, 91, rounding_mode="floor")] = 30.0
+    deltas = workloads.box_deltas(num_images * sum(per_level), scale=0.5).reshape(num_images, -1, 4).abs()
+    head_outputs = {"cls_logits": list(logits.to(device).split(per_level, 1)),
+                    "bbox_regression": list(deltas.to(device).split(per_level, 1)),
+                    "bbox_ctrness": list(ctrness.to(device).split(per_level, 1))}
+    return head_outputs, [list(a.split(per_level)) for a in anchors], images.image_sizes
+
+
+def fcos_postprocess_workload(num_images: int) -> Workload:
+    """torchvision: FCOS.postprocess_detections; ours: the patched model's (its NMS)."""
+    height, width = workloads.IMAGE_SIZE
+
+    def run(which, head_outputs, anchors, image_sizes):
+        model = _fcoses(head_outputs["cls_logits"][0].device)[which]
+        return [t for d in model.postprocess_detections(head_outputs, anchors, image_sizes) for t in d.values()]
+
+    return Workload(
+        f"fcos-postprocess-{height}x{width}-b{num_images}", "fcos",
+        f"FCOS detections, {height}x{width}, batch {num_images}, 91 classes", dict(images=num_images),
+        partial(_fcos_head_inputs, num_images), partial(run, 1), partial(run, 0), None,
+        size=num_images, size_unit="images (800 x 1216, FPN)", series="post-process")
+
+
+def _fcos_target_inputs(num_images: int, num_gt: int, device):
+    _, anchors, per_level = _fcos_anchors(num_images, device)
+    return anchors, [{"boxes": workloads.gt_boxes(num_gt, seed=i, device=device)} for i in range(num_images)], per_level
+
+
+def _torchvision_fcos_matches(anchors, targets, num_anchors_per_level):
+    """The matched_idxs torchvision's FCOS.compute_loss computes, taken where it hands them to its head."""
+    from types import SimpleNamespace
+    from torchvision.models.detection.fcos import FCOS
+    head = SimpleNamespace(compute_loss=lambda targets, head_outputs, anchors, matched_idxs: matched_idxs)
+    return FCOS.compute_loss(SimpleNamespace(center_sampling_radius=1.5, head=head), targets, {}, anchors,
+                             num_anchors_per_level)
+
+
+def fcos_targets_workload(num_images: int, num_gt: int) -> Workload:
+    """torchvision: FCOS.compute_loss's centre-sampling matching ([A, G, 4] tensors per image); ours: the patched
+    model's, one match_fcos call."""
+    height, width = workloads.IMAGE_SIZE
+
+    def ours(anchors, targets, num_anchors_per_level):
+        return rpn_ops.match_fcos([t["boxes"] for t in targets], anchors, num_anchors_per_level)
+
+    return Workload(
+        f"fcos-targets-{height}x{width}-b{num_images}-{num_gt}gt", "fcos",
+        f"FCOS training targets, {height}x{width}, batch {num_images}, {num_gt} GT each",
+        dict(images=num_images, gt=num_gt), partial(_fcos_target_inputs, num_images, num_gt), ours,
+        _torchvision_fcos_matches, None, size=num_gt, size_unit="GT boxes per image", series="targets")
+
+
+SSD_MODELS = {"ssd300": ("ssd300_vgg16", 300), "ssdlite320": ("ssdlite320_mobilenet_v3_large", 320)}
+
+
+@lru_cache(maxsize=None)
+def _ssds(name: str, device: torch.device):
+    """A randomly initialised torchvision SSD (91 classes, torchvision's settings) built once per device, and a
+    copy with rpn_ops.patch_torchvision applied: (torchvision's, ours)."""
+    from torchvision.models import detection
+    torch.manual_seed(0)
+    model = getattr(detection, SSD_MODELS[name][0])(weights=None, weights_backbone=None).to(device).eval()
+    return model, rpn_ops.patch_torchvision(copy.deepcopy(model))
+
+
+def _ssd_anchors(name: str, num_images: int, device):
+    """The model's default boxes for ``num_images`` images of its fixed size (feature shapes from its backbone)."""
+    from torchvision.models.detection.image_list import ImageList
+    model, _ = _ssds(name, torch.device(device))
+    size = SSD_MODELS[name][1]
+    with torch.no_grad():
+        features = list(model.backbone(torch.zeros(1, 3, size, size, device=device)).values())
+    images = ImageList(torch.zeros(num_images, 3, size, size, device=device), [(size, size)] * num_images)
+    return images.image_sizes, model.anchor_generator(images, [f.expand(num_images, -1, -1, -1) for f in features])
+
+
+def _ssd_head_inputs(name: str, num_images: int, device):
+    """Trained-like head outputs: the background class far ahead for most anchors, so that about 1 class score in
+    100 passes the 0.01 threshold, and a few saturated logits (softmax exactly 1.0: ties)."""
+    image_sizes, anchors = _ssd_anchors(name, num_images, device)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(num_images, anchors[0].shape[0], 91, generator=generator) * 1.5
+    logits[..., 0] += 9.5
+    logits.view(-1)[torch.randint(0, logits.numel(), (2_000,), generator=generator)] = 30.0
+    deltas = workloads.box_deltas(logits.shape[0] * logits.shape[1], scale=0.5).reshape(num_images, -1, 4)
+    return {"cls_logits": logits.to(device), "bbox_regression": deltas.to(device)}, anchors, image_sizes
+
+
+def ssd_postprocess_workload(name: str, num_images: int) -> Workload:
+    """torchvision: SSD.postprocess_detections (per image: softmax, decode, clip, per class threshold and top-k,
+    then batched_nms); ours: the patched model's."""
+
+    def run(which, head_outputs, anchors, image_sizes):
+        model = _ssds(name, head_outputs["cls_logits"].device)[which]
+        return [t for d in model.postprocess_detections(head_outputs, anchors, image_sizes) for t in d.values()]
+
+    return Workload(
+        f"ssd-postprocess-{name}-b{num_images}", "ssd", f"{SSD_MODELS[name][0]} detections, batch {num_images}, "
+        f"91 classes", dict(images=num_images), partial(_ssd_head_inputs, name, num_images), partial(run, 1),
+        partial(run, 0), None, size=num_images, size_unit="images", series=f"{name} post-process")
+
+
+def _ssd_target_inputs(name: str, num_images: int, num_gt: int, device):
+    image_sizes, anchors = _ssd_anchors(name, num_images, device)
+    return anchors, [{"boxes": workloads.gt_boxes(num_gt, seed=i, image_size=image_sizes[0], device=device)}
+                     for i in range(num_images)]
+
+
+def ssd_targets_workload(name: str, num_images: int, num_gt: int) -> Workload:
+    """torchvision: SSD.forward's matching (box_iou + SSDMatcher(0.5) per image); ours: the patched model's, one
+    match_anchors call with forced best anchors."""
+
+    def theirs(anchors, targets):
+        matcher = _ssds(name, anchors[0].device)[0].proposal_matcher
+        return [matcher(torchvision.ops.box_iou(t["boxes"], a)) for a, t in zip(anchors, targets)]
+
+    def ours(anchors, targets):
+        return _ssds(name, anchors[0].device)[1]._matched_idxs(anchors, targets)
+
+    return Workload(
+        f"ssd-targets-{name}-b{num_images}-{num_gt}gt", "ssd",
+        f"{SSD_MODELS[name][0]} training targets, batch {num_images}, {num_gt} GT each",
+        dict(images=num_images, gt=num_gt), partial(_ssd_target_inputs, name, num_images, num_gt), ours, theirs,
+        None, size=num_gt, size_unit="GT boxes per image", series=f"{name} targets")
+
+
+def _ssd_model_inputs(name: str, num_images: int, num_gt: int, device):
+    g = torch.Generator().manual_seed(0)
+    size = SSD_MODELS[name][1]
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(num_images)]
+    targets = [{"boxes": workloads.gt_boxes(num_gt, seed=i, image_size=(size, size), device=device),
+                "labels": torch.randint(1, 91, (num_gt,), generator=g).to(device)} for i in range(num_images)]
+    return images, targets if num_gt else None
+
+
+def _run_ssd(name: str, which: int, training: bool, images, targets) -> List[torch.Tensor]:
+    """As _run_model, for an SSD."""
+    model = _ssds(name, images[0].device)[which]
+    model.train(training)
+    if not training:
+        with torch.no_grad():
+            return [d[k] for d in model(images) for k in ("boxes", "labels", "scores")]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    model.eval()
+    return [losses[k].detach() for k in sorted(losses)]
+
+
+def ssd_model_workload(name: str, num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")
+                       ) -> Workload:
+    """A whole SSD (randomly initialised), patched (ours) and as torchvision ships it: eval inference, or a training
+    step (forward with ``num_gt`` GT boxes per image and backward)."""
+    mode = "train" if training else "eval"
+    step = f"training step, forward + backward ({num_gt} GT per image)" if training else "inference"
+    return Workload(
+        f"ssd-model-{name}-b{num_images}-{mode}", "ssd", f"{SSD_MODELS[name][0]} {step}, batch {num_images}",
+        dict(images=num_images, gt=num_gt if training else 0),
+        partial(_ssd_model_inputs, name, num_images, num_gt if training else 0), partial(_run_ssd, name, 1, training),
+        partial(_run_ssd, name, 0, training), reference=None, size=num_images, size_unit="images",
+        series=f"{name} {mode}", devices=devices, min_runs=3)
+
+
 def _full_only(workload: Workload, full_only: bool = True) -> Workload:
     return replace(workload, full_only=full_only)
 
@@ -477,6 +667,13 @@ WORKLOADS: List[Workload] = [
     *(_full_only(model_workload(2, training)) for training in (False, True)),
     retinanet_postprocess_workload(2),
     retinanet_targets_workload(2, 50),
+    fcos_postprocess_workload(2),
+    fcos_targets_workload(2, 50),
+    ssd_postprocess_workload("ssd300", 2),
+    ssd_postprocess_workload("ssdlite320", 2),
+    ssd_targets_workload("ssd300", 2, 50),
+    *(ssd_model_workload("ssdlite320", 2, training) for training in (False, True)),
+    *(ssd_model_workload("ssdlite320", 8, training, devices=("cuda",)) for training in (False, True)),
     *(model_workload(8, training, devices=("cuda",)) for training in (False, True)),
 ]
 

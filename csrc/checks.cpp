@@ -213,6 +213,32 @@ void check_assign_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, 
   check_weights(weights);
 }
 
+void check_fcos_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                       at::IntArrayRef anchors_per_image, at::IntArrayRef anchors_per_level, double radius) {
+  check_matching_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, 0.0, 0.0, /*empty_gt_allowed=*/true);
+  TORCH_CHECK_TYPE(gt_boxes.scalar_type() == anchors.scalar_type() &&
+                       (anchors.scalar_type() == at::kFloat || anchors.scalar_type() == at::kDouble),
+                   "match_fcos computes in the boxes' dtype: gt_boxes and anchors must both be float32 or both ",
+                   "float64, got ", gt_boxes.scalar_type(), " and ", anchors.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(radius), "center_sampling_radius must be a finite number, got ", radius);
+  TORCH_CHECK_VALUE(!anchors_per_level.empty(), "anchors_per_level needs one count per level, got none");
+  int64_t level_total = 0;
+  for (const int64_t count : anchors_per_level) {
+    TORCH_CHECK_VALUE(count >= 0, "anchors_per_level must be counts >= 0, got ", anchors_per_level);
+    level_total += count;
+  }
+  for (size_t image = 0; image < anchors_per_image.size(); ++image) {
+    TORCH_CHECK_VALUE(anchors_per_image[image] == level_total, "the anchors per level ", anchors_per_level,
+                      " sum to ", level_total, " but image ", image, " has ", anchors_per_image[image], " anchors");
+  }
+}
+
+FcosLevels fcos_levels(at::IntArrayRef anchors_per_level) {
+  int64_t total = 0;
+  for (const int64_t count : anchors_per_level) total += count;
+  return {anchors_per_level.front(), anchors_per_level.back() == 0 ? 0 : total - anchors_per_level.back()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_assign_outputs(const at::Tensor& gt_boxes,
                                                                     const at::Tensor& anchors, bool float32_log) {
   const int64_t n = anchors.size(0);

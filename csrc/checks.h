@@ -49,6 +49,17 @@ void check_matching_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors
 void check_assign_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
                          at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
                          at::ArrayRef<double> weights);
+// match_fcos: boxes and anchors of one dtype (float32 or float64), laid out as for match_anchors (images without
+// ground truth allowed), every image's anchors being the levels of anchors_per_level; a finite radius.
+void check_fcos_inputs(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                       at::IntArrayRef anchors_per_image, at::IntArrayRef anchors_per_level, double radius);
+// Where match_fcos' bounds change, in every image's anchors: the first level ends at `first_level_end` (no lower
+// bound before), the last begins at `last_level_begin` (no upper bound from there; 0 when the last level has no
+// anchors, as torchvision's slice [-0:] takes every anchor).
+struct FcosLevels {
+  int64_t first_level_end, last_level_begin;
+};
+FcosLevels fcos_levels(at::IntArrayRef anchors_per_level);
 // assign_targets' outputs, uninitialised: labels float32 [A], matched ground truth [A, 4] of gt_boxes' dtype,
 // regression targets [A, 4] of encode's dtype (the ground truth as reference boxes).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_assign_outputs(const at::Tensor& gt_boxes,

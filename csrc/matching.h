@@ -86,12 +86,20 @@ RPN_HD bool union_is_nonzero(U area_a, U area_b) {
   return (area_a > U(0) && area_b >= U(0)) || (area_a >= U(0) && area_b > U(0));
 }
 
-// The thresholds as Matcher compares them: `iou < threshold` with a Python float, in the IoU's dtype.
+// The thresholds as Matcher compares them: `iou < threshold` with a Python float, in the IoU's dtype; and
+// SSDMatcher's rule, applied after Matcher's decisions: each box's first anchor of highest IoU is matched to it.
 template <typename U>
 struct MatchThresholds {
   U high, low;
   bool allow_low_quality_matches;
+  bool force_best_anchors;
 };
+
+// Whether an IoU is a box's highest under torch.max's order (NaN, the highest of all, included).
+template <typename U>
+RPN_HD bool is_highest(U iou, U highest) {
+  return iou == highest || (iou != iou && highest != highest);
+}
 
 // Matcher's decision for one anchor: its best IoU and GT (torch.max over the GT), and whether it reaches
 // some GT's highest IoU (a low-quality match, which keeps its best GT when allowed).
@@ -106,6 +114,50 @@ RPN_HD int64_t match_decision(U best, int64_t best_gt, bool is_gt_best, const Ma
 // RegionProposalNetwork.assign_targets_to_anchors' labels: 1 foreground, 0 background, -1 ignored.
 RPN_HD float label_of(int64_t match) {
   return match >= 0 ? 1.0f : (match == kBelowLowThreshold ? 0.0f : -1.0f);
+}
+
+// FCOS.compute_loss' assignment, one anchor point and one box at a time in its operation order (instead of its
+// [A, G, 4] tensors): the point takes the box when it lies inside it, within radius x anchor size of the box's
+// centre on both axes, and its largest distance to the box's sides is in the level's scale range (above 4, below 8
+// anchor sizes; no lower bound on the first level, no upper bound on the last). Of the boxes it takes, the largest
+// `1e8 - area` wins (in the boxes' dtype: equal values keep the first box), and none below 1e-5.
+template <typename T>
+struct FcosPoint {
+  T x, y, reach, lower, upper;  // centre, radius x size, scale range
+};
+
+template <typename T>
+struct FcosBox {
+  T x1, y1, x2, y2, cx, cy, priority;  // priority: 1e8 - area
+};
+
+template <typename T>
+RPN_HD FcosPoint<T> fcos_point(const T* anchor, T radius, bool first_level, bool last_level) {
+  const T size = anchor[2] - anchor[0];
+  return {(anchor[0] + anchor[2]) / T(2), (anchor[1] + anchor[3]) / T(2), radius * size,
+          first_level ? T(0) : size * T(4), last_level ? static_cast<T>(INFINITY) : size * T(8)};
+}
+
+template <typename T>
+RPN_HD FcosBox<T> fcos_box(const T* box) {
+  return {box[0], box[1], box[2], box[3], (box[0] + box[2]) / T(2), (box[1] + box[3]) / T(2),
+          T(1e8) - area_of(box[0], box[1], box[2], box[3])};
+}
+
+template <typename T>
+RPN_HD bool fcos_takes(const FcosPoint<T>& p, const FcosBox<T>& b) {
+  const T left = p.x - b.x1, top = p.y - b.y1, right = b.x2 - p.x, bottom = b.y2 - p.y;
+  const T nearest = smaller(smaller(left, top), smaller(right, bottom));
+  const T farthest = larger(larger(left, top), larger(right, bottom));
+  const T dx = p.x - b.cx, dy = p.y - b.cy;
+  const T off_centre = larger(larger(dx, -dx), larger(dy, -dy));
+  return (off_centre < p.reach) & (nearest > T(0)) & (farthest > p.lower) & (farthest < p.upper);
+}
+
+// After every box: the best box (best: its priority, compared strictly from 0), or -1 below 1e-5.
+template <typename T>
+RPN_HD int64_t fcos_decision(T best, int64_t best_box) {
+  return best < static_cast<T>(1e-5) ? int64_t{-1} : best_box;
 }
 
 }  // namespace rpn_ops

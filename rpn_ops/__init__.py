@@ -2,12 +2,12 @@
 from ._library import build_info, library_path, set_cpu_isa
 from .anchors import AnchorGenerator, cell_anchors
 from .box_coder import BoxCoder
-from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors
+from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors, match_fcos
 from .ops import batched_nms, box_iou, decode_boxes, encode_boxes, grid_anchors, nms, score_candidates
 from .proposals import AnchorGrid, generate_proposals
 
-_TORCHVISION_PATCH = ("RegionProposalNetwork", "RetinaNet", "RoIHeads", "patch_torchvision", "patch_torchvision_ops",
-                      "unpatch_torchvision_ops")
+_TORCHVISION_PATCH = ("FCOS", "RegionProposalNetwork", "RetinaNet", "RoIHeads", "SSD", "patch_torchvision",
+                      "patch_torchvision_ops", "unpatch_torchvision_ops")
 
 
 def __getattr__(name):  # the torchvision patch imports torchvision: loaded on first use, not with rpn_ops
@@ -18,9 +18,9 @@ def __getattr__(name):  # the torchvision patch imports torchvision: loaded on f
 
 
 __all__ = [
-    "AnchorGenerator", "AnchorGrid", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RetinaNet", "RoIHeads",
-    "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "encode_boxes",
-    "generate_proposals", "grid_anchors", "library_path", "match_anchors", "nms", "patch_torchvision", "patch_torchvision_ops",
+    "AnchorGenerator", "AnchorGrid", "FCOS", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RetinaNet", "RoIHeads",
+    "SSD", "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "encode_boxes",
+    "generate_proposals", "grid_anchors", "library_path", "match_anchors", "match_fcos", "nms", "patch_torchvision", "patch_torchvision_ops",
     "score_candidates", "set_cpu_isa", "unpatch_torchvision_ops",
 ]
 __version__ = "0.1.0"

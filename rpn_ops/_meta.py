@@ -109,7 +109,13 @@ def _check_matching(gt_boxes, anchors, gt_per_image, anchors_per_image) -> None:
 
 @torch.library.register_fake("rpn_ops::match_anchors")
 def _match_anchors_fake(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
-                        allow_low_quality_matches):
+                        allow_low_quality_matches, force_best_anchors=False):
+    _check_matching(gt_boxes, anchors, gt_per_image, anchors_per_image)
+    return anchors.new_empty((anchors.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("rpn_ops::match_fcos")
+def _match_fcos_fake(gt_boxes, anchors, gt_per_image, anchors_per_image, anchors_per_level, center_sampling_radius):
     _check_matching(gt_boxes, anchors, gt_per_image, anchors_per_image)
     return anchors.new_empty((anchors.shape[0],), dtype=torch.int64)
 

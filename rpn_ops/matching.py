@@ -15,9 +15,12 @@ def match_anchors(
     high_threshold: float = 0.7,
     low_threshold: float = 0.3,
     allow_low_quality_matches: bool = True,
+    force_best_anchors: bool = False,
 ) -> Union[Tensor, List[Tensor]]:
     """Each anchor's ground-truth box, exactly ``Matcher(high_threshold, low_threshold,
-    allow_low_quality_matches)(box_iou(gt_boxes, anchors))`` of torchvision, in memory O(anchors + boxes).
+    allow_low_quality_matches)(box_iou(gt_boxes, anchors))`` of torchvision, in memory O(anchors + boxes); with
+    ``force_best_anchors``, ``SSDMatcher(threshold)(box_iou(gt_boxes, anchors))`` for ``high_threshold =
+    low_threshold = threshold`` and ``allow_low_quality_matches=False``.
 
     Args:
         gt_boxes: ``[G, 4]`` ground-truth boxes ``(x1, y1, x2, y2)`` (G >= 1, finite), or a list of them,
@@ -26,6 +29,9 @@ def match_anchors(
         high_threshold, low_threshold: ``0 <= low <= high``; compared with the IoU in its dtype, as Matcher.
         allow_low_quality_matches: every anchor reaching some box's highest IoU (ties included) keeps its own
             best box even below ``low_threshold``.
+        force_best_anchors: then each box's first anchor of highest IoU (``iou.max(dim=1)``'s index) is matched
+            to it, whatever the thresholds; where boxes share that anchor, the last box takes it (SSDMatcher's
+            ``index_put`` on the CPU).
 
     Returns:
         int64 ``[A]`` (a list for lists): the best box's index (ties: the lowest index), -1 below
@@ -40,16 +46,64 @@ def match_anchors(
         _check_lists(gt_boxes if batched else [gt_boxes], anchors if batched else [anchors], batched)
         high_threshold, low_threshold = _number(high_threshold, "high_threshold"), _number(low_threshold,
                                                                                            "low_threshold")
-        allow_low_quality_matches = bool(allow_low_quality_matches)
+        allow_low_quality_matches, force_best_anchors = bool(allow_low_quality_matches), bool(force_best_anchors)
     if isinstance(gt_boxes, Tensor):
         assert isinstance(anchors, Tensor), "gt_boxes and anchors must both be tensors or both be lists"
         return torch.ops.rpn_ops.match_anchors(gt_boxes, anchors, [gt_boxes.shape[0]], [anchors.shape[0]],
-                                               high_threshold, low_threshold, allow_low_quality_matches)
+                                               high_threshold, low_threshold, allow_low_quality_matches,
+                                               force_best_anchors)
     assert not isinstance(anchors, Tensor), "gt_boxes and anchors must both be tensors or both be lists"
     anchor_counts = [a.shape[0] for a in anchors]
     matches = torch.ops.rpn_ops.match_anchors(
         _rows_of(gt_boxes), _rows_of(anchors), [g.shape[0] for g in gt_boxes], anchor_counts, high_threshold,
-        low_threshold, allow_low_quality_matches)
+        low_threshold, allow_low_quality_matches, force_best_anchors)
+    return list(matches.split(anchor_counts))
+
+
+def match_fcos(
+    gt_boxes: Union[Tensor, List[Tensor]],
+    anchors: Union[Tensor, List[Tensor]],
+    num_anchors_per_level: List[int],
+    center_sampling_radius: float = 1.5,
+) -> Union[Tensor, List[Tensor]]:
+    """Each anchor's ground-truth box under FCOS's centre sampling, exactly the ``matched_idxs`` torchvision's
+    ``FCOS.compute_loss`` computes, in memory O(anchors + boxes) (torchvision builds ``[A, G, 4]`` tensors).
+
+    An anchor takes a box when its centre lies inside the box, within ``center_sampling_radius`` anchor sizes
+    (``x2 - x1``) of the box's centre on both axes, and its largest distance to the box's sides is above 4 and below
+    8 anchor sizes (no lower bound on the first level, no upper bound on the last). Of the boxes it takes, the
+    smallest area wins, decided as torchvision decides it: the largest ``1e8 - area`` in the boxes' dtype (equal
+    values: the lower index), and no box where that is below 1e-5.
+
+    Args:
+        gt_boxes: ``[G, 4]`` ground-truth boxes (finite; G may be 0), or a list of them, one per image.
+        anchors: ``[A, 4]`` anchors of one image, the levels one after the other (finite; gt_boxes' dtype, float32
+            or float64), or a list, one per image.
+        num_anchors_per_level: anchors per level of each image (they sum to A). As in torchvision, a last level of
+            0 anchors lifts the upper bound of every anchor (its slice ``[-0:]``).
+        center_sampling_radius: FCOS's ``center_sampling_radius``.
+
+    Returns:
+        int64 ``[A]`` (a list for lists): the box's index, -1 for none. All images of a list in one call.
+    """
+    batched = isinstance(gt_boxes, (list, tuple))
+    if not torch.jit.is_scripting():
+        if batched != isinstance(anchors, (list, tuple)):
+            raise TypeError("gt_boxes and anchors must both be tensors or both be lists (one entry per image)")
+        if batched:
+            gt_boxes, anchors = list(gt_boxes), list(anchors)
+        _check_lists(gt_boxes if batched else [gt_boxes], anchors if batched else [anchors], batched)
+        center_sampling_radius = _number(center_sampling_radius, "center_sampling_radius")
+        num_anchors_per_level = _level_counts(num_anchors_per_level)
+    gt_list = gt_boxes if isinstance(gt_boxes, list) else [gt_boxes]
+    anchor_list = anchors if isinstance(anchors, list) else [anchors]
+    anchor_counts = [a.shape[0] for a in anchor_list]
+    last_level = num_anchors_per_level[-1] if len(num_anchors_per_level) > 0 else 0
+    matches = torch.ops.rpn_ops.match_fcos(
+        _rows_of([g.reshape(-1, 4) for g in gt_list]), _rows_of(anchor_list), [g.reshape(-1, 4).shape[0] for g in gt_list],
+        anchor_counts, num_anchors_per_level, center_sampling_radius)
+    if not batched:
+        return matches
     return list(matches.split(anchor_counts))
 
 
@@ -154,6 +208,13 @@ class BalancedPositiveNegativeSampler:
         mask = torch.zeros_like(labels, dtype=torch.uint8)
         mask[chosen] = 1
         return mask
+
+
+def _level_counts(num_anchors_per_level) -> List[int]:
+    if not isinstance(num_anchors_per_level, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in num_anchors_per_level):
+        raise TypeError(f"num_anchors_per_level must be a list of ints >= 0, got {num_anchors_per_level!r}")
+    return list(num_anchors_per_level)
 
 
 def _checked_sampler_settings(batch_size_per_image, positive_fraction) -> float:

@@ -123,9 +123,10 @@ def matching_iou(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
 
 
 def match_anchors(gt_boxes: Tensor, anchors: Tensor, high_threshold: float = 0.7, low_threshold: float = 0.3,
-                  allow_low_quality_matches: bool = True) -> Tensor:
+                  allow_low_quality_matches: bool = True, force_best_anchors: bool = False) -> Tensor:
     """Each anchor's best ground-truth box (first of ties; NaN wins), -1 below low, -2 between the thresholds;
-    anchors reaching a box's highest IoU keep their best box when low-quality matches are allowed."""
+    anchors reaching a box's highest IoU keep their best box when low-quality matches are allowed. Forced (SSD):
+    then each box's first anchor of highest IoU is its, box by box (a later box takes a shared anchor)."""
     iou = matching_iou(gt_boxes, anchors)
     best, best_gt = iou.max(dim=0)
     matches = best_gt.clone()
@@ -134,6 +135,11 @@ def match_anchors(gt_boxes: Tensor, anchors: Tensor, high_threshold: float = 0.7
     if allow_low_quality_matches:
         reaches_highest = (iou == iou.max(dim=1).values[:, None]).any(dim=0)
         matches[reaches_highest] = best_gt[reaches_highest]
+    if force_best_anchors:
+        highest = iou.max(dim=1).values
+        for g in range(len(gt_boxes)):
+            reaching = (iou[g] == highest[g]) | (iou[g].isnan() & highest[g].isnan())
+            matches[torch.where(reaching)[0][0]] = g
     return matches
 
 

@@ -6,6 +6,8 @@ NMS) and its ROI heads for :class:`RoIHeads` (rpn_ops' box coder and NMS). ``pat
 ``torchvision.ops.nms`` / ``batched_nms`` / ``box_iou`` process-wide instead (opt-in, reversible).
 """
 import math
+import warnings
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -14,8 +16,10 @@ import torchvision
 import torchvision.ops.boxes as tv_boxes
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as tv_det_utils
+from torchvision.models.detection import fcos as tv_fcos
 from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection import rpn as tv_rpn
+from torchvision.models.detection import ssd as tv_ssd
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHeads
@@ -23,7 +27,7 @@ from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHea
 from . import _portable
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
-from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors
+from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors, match_fcos
 from .ops import batched_nms, box_iou, nms, score_candidates
 from .proposals import proposal_lists
 
@@ -290,10 +294,11 @@ class RoIHeads(TorchvisionRoIHeads):
         return all_boxes, all_scores, all_labels
 
 
-def _matched_idxs(anchors: List[Tensor], targets: List[Dict[str, Tensor]], matcher: tv_det_utils.Matcher
-                  ) -> List[Tensor]:
+def _matched_idxs(anchors: List[Tensor], targets: List[Dict[str, Tensor]], matcher: tv_det_utils.Matcher,
+                  force_best_anchors: bool = False) -> List[Tensor]:
     """Per image, ``matcher(box_iou(target boxes, anchors))`` as torchvision computes it (-1 everywhere for an
-    image without boxes), from one :func:`rpn_ops.match_anchors` call for the batch: no ``[G, A]`` matrix."""
+    image without boxes), from one :func:`rpn_ops.match_anchors` call for the batch: no ``[G, A]`` matrix.
+    ``force_best_anchors``: the matcher is an ``SSDMatcher``."""
     matched: List[Tensor] = []
     gt_list: List[Tensor] = []
     anchor_list: List[Tensor] = []
@@ -305,7 +310,7 @@ def _matched_idxs(anchors: List[Tensor], targets: List[Dict[str, Tensor]], match
     if len(gt_list) == 0:
         return matched
     found = match_anchors(gt_list, anchor_list, matcher.high_threshold, matcher.low_threshold,
-                          matcher.allow_low_quality_matches)
+                          matcher.allow_low_quality_matches, force_best_anchors)
     assert isinstance(found, list)
     next_found = 0
     for image, targets_per_image in enumerate(targets):
@@ -375,6 +380,216 @@ class RetinaNet(tv_retinanet.RetinaNet):
         return detections
 
 
+def _class_candidates(boxes: Tensor, scores: Tensor, score_thresh: float, topk_candidates: int
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """SSD's candidates of one image, as torchvision's loop over the classes gives them: for each class from 1,
+    its scores above ``score_thresh`` (anchor order), their best ``topk_candidates`` (torch.topk of that very
+    tensor, so equal scores come in its order), with their boxes and labels, the classes one after the other.
+
+    Here one comparison over the transposed ``[classes - 1, anchors]`` scores finds every class's candidates; a
+    top-k per class remains. Traced or exported to ONNX, where the per-class counts would become constants:
+    torchvision's loop."""
+    num_classes = scores.shape[-1]
+    if not torch.jit.is_scripting() and (torch.jit.is_tracing() or _portable.exporting_to_onnx()):
+        image_boxes: List[Tensor] = []
+        image_scores: List[Tensor] = []
+        image_labels: List[Tensor] = []
+        for label in range(1, num_classes):
+            score = scores[:, label]
+            keep_idxs = score > score_thresh
+            score, box = score[keep_idxs], boxes[keep_idxs]
+            score, idxs = score.topk(tv_det_utils._topk_min(score, topk_candidates, 0))
+            image_boxes.append(box[idxs])
+            image_scores.append(score)
+            image_labels.append(torch.full_like(score, fill_value=label, dtype=torch.int64))
+        return torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+    class_scores = scores[:, 1:].t().contiguous()
+    above = class_scores > score_thresh
+    candidates = class_scores[above]
+    anchor_idxs = torch.where(above)[1]
+    counts: List[int] = above.sum(1).tolist()
+    selected_scores: List[Tensor] = []
+    selected: List[Tensor] = []
+    labels: List[Tensor] = []
+    start = 0
+    for label, count in enumerate(counts, 1):
+        score, idxs = candidates[start:start + count].topk(min(topk_candidates, count))
+        selected_scores.append(score)
+        selected.append(idxs + start)
+        labels.append(torch.full_like(score, fill_value=label, dtype=torch.int64))
+        start += count
+    return boxes[anchor_idxs[torch.cat(selected)]], torch.cat(selected_scores), torch.cat(labels)
+
+
+class SSD(tv_ssd.SSD):
+    """torchvision's ``SSD`` (``ssd300_vgg16``, ``ssdlite320_mobilenet_v3_large`` or ``SSD(backbone, ...)``: same
+    constructor, parameters, ``state_dict`` keys, settings, detections and losses) running on rpn_ops: the training
+    matches come from one :func:`rpn_ops.match_anchors` call for the batch (``SSDMatcher`` of a ``[G, A]`` IoU
+    matrix per image, without the matrix: ``force_best_anchors``), the detections from rpn_ops' decode, one pass
+    that finds every class's candidates, and rpn_ops' NMS. ``patch_torchvision`` switches a model to this class in
+    place. ``torchvision_tie_order`` as for :class:`RetinaNet`.
+
+    A ``proposal_matcher`` other than torchvision's ``SSDMatcher`` or ``Matcher`` keeps torchvision's IoU matrix
+    and matcher."""
+
+    __annotations__ = {"box_coder": BoxCoder, "proposal_matcher": tv_det_utils.Matcher}
+    torchvision_tie_order = True
+
+    def _matched_idxs(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]) -> List[Tensor]:
+        force_best_anchors = True  # scripted: the matcher SSD builds
+        if not torch.jit.is_scripting():
+            if type(self.proposal_matcher) not in (tv_det_utils.SSDMatcher, tv_det_utils.Matcher):
+                return self._torchvision_matched_idxs(anchors, targets)
+            force_best_anchors = type(self.proposal_matcher) is tv_det_utils.SSDMatcher
+        return _matched_idxs(anchors, targets, self.proposal_matcher, force_best_anchors)
+
+    @torch.jit.unused
+    def _torchvision_matched_idxs(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]) -> List[Tensor]:
+        matched_idxs: List[Tensor] = []
+        for anchors_per_image, targets_per_image in zip(anchors, targets):
+            if targets_per_image["boxes"].numel() == 0:
+                matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
+                                               device=anchors_per_image.device))
+            else:
+                iou = tv_boxes.box_iou(targets_per_image["boxes"], anchors_per_image)
+                matched_idxs.append(self.proposal_matcher(iou))
+        return matched_idxs
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        """torchvision's ``forward``, step for step, with the training matches of :meth:`_matched_idxs`."""
+        if self.training:
+            if targets is None:
+                torch._assert(False, "targets should not be none when in training mode")
+            else:
+                for target in targets:
+                    boxes = target["boxes"]
+                    if isinstance(boxes, torch.Tensor):
+                        torch._assert(len(boxes.shape) == 2 and boxes.shape[-1] == 4,
+                                      f"Expected target boxes to be a tensor of shape [N, 4], got {boxes.shape}.")
+                    else:
+                        torch._assert(False, f"Expected target boxes to be of type Tensor, got {type(boxes)}.")
+        original_image_sizes: List[Tuple[int, int]] = []
+        for img in images:
+            val = img.shape[-2:]
+            torch._assert(len(val) == 2, "expecting the last two dimensions of the Tensor to be H and W instead "
+                                         f"got {img.shape[-2:]}")
+            original_image_sizes.append((val[0], val[1]))
+        images, targets = self.transform(images, targets)
+        if targets is not None:
+            for target_idx, target in enumerate(targets):
+                boxes = target["boxes"]
+                degenerate_boxes = boxes[:, 2:] <= boxes[:, :2]
+                if degenerate_boxes.any():
+                    bb_idx = torch.where(degenerate_boxes.any(dim=1))[0][0]
+                    degen_bb: List[float] = boxes[bb_idx].tolist()
+                    torch._assert(False, "All bounding boxes should have positive height and width."
+                                         f" Found invalid box {degen_bb} for target at index {target_idx}.")
+        features = self.backbone(images.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        features = list(features.values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(images, features)
+
+        losses: Dict[str, Tensor] = {}
+        detections: List[Dict[str, Tensor]] = []
+        if self.training:
+            if targets is None:
+                torch._assert(False, "targets should not be none when in training mode")
+            else:
+                losses = self.compute_loss(targets, head_outputs, anchors, self._matched_idxs(anchors, targets))
+        else:
+            detections = self.postprocess_detections(head_outputs, anchors, images.image_sizes)
+            detections = self.transform.postprocess(detections, images.image_sizes, original_image_sizes)
+        if torch.jit.is_scripting():
+            if not self._has_warned:
+                warnings.warn("SSD always returns a (Losses, Detections) tuple in scripting")
+                self._has_warned = True
+            return losses, detections
+        return self.eager_outputs(losses, detections)
+
+    def postprocess_detections(self, head_outputs: Dict[str, Tensor], image_anchors: List[Tensor],
+                               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """torchvision's steps per image (softmax scores, decode and clip, per class the scores above
+        ``score_thresh`` and their best ``topk_candidates``, per-class NMS, the best ``detections_per_img``), with
+        rpn_ops' decode and NMS and the candidates of :func:`_class_candidates`."""
+        bbox_regression = head_outputs["bbox_regression"]
+        pred_scores = F.softmax(head_outputs["cls_logits"], dim=-1)
+        detections: List[Dict[str, Tensor]] = []
+        for boxes, scores, anchors, image_shape in zip(bbox_regression, pred_scores, image_anchors, image_shapes):
+            boxes = tv_boxes.clip_boxes_to_image(self.box_coder.decode_single(boxes, anchors), image_shape)
+            boxes, scores, labels = _class_candidates(boxes, scores, self.score_thresh, self.topk_candidates)
+            if self.torchvision_tie_order:
+                keep = _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)
+                keep = keep[: self.detections_per_img]
+            else:
+                keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return detections
+
+
+class FCOS(tv_fcos.FCOS):
+    """torchvision's ``FCOS`` (same constructor, parameters, ``state_dict`` keys, settings, detections and losses)
+    running on rpn_ops: its anchor generator becomes rpn_ops', the training matches come from one
+    :func:`rpn_ops.match_fcos` call for the batch (torchvision's centre sampling without its ``[A, G, 4]``
+    tensors), and the detections from rpn_ops' NMS. The box coder stays torchvision's ``BoxLinearCoder``.
+    ``patch_torchvision`` switches a model to this class in place. ``torchvision_tie_order`` as for
+    :class:`RetinaNet`. Ground truth of another dtype than the anchors', or other than float32 / float64, keeps
+    torchvision's matching."""
+
+    torchvision_tie_order = True
+
+    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor], anchors: List[Tensor],
+                     num_anchors_per_level: List[int]) -> Dict[str, Tensor]:
+        if not torch.jit.is_scripting():
+            if any(t["boxes"].dtype != a.dtype or a.dtype not in (torch.float32, torch.float64)
+                   for t, a in zip(targets, anchors)):
+                return tv_fcos.FCOS.compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level)
+        gt_list = [t["boxes"] for t in targets]
+        matched_idxs = match_fcos(gt_list, anchors, num_anchors_per_level, self.center_sampling_radius)
+        assert isinstance(matched_idxs, list)
+        return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+    def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]], anchors: List[List[Tensor]],
+                               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """torchvision's steps per image and level (``sqrt(sigmoid(class) * sigmoid(centerness))`` above
+        ``score_thresh``, the best ``topk_candidates``, decode of those, clip), then per-class NMS and the best
+        ``detections_per_img``, with rpn_ops' NMS."""
+        detections: List[Dict[str, Tensor]] = []
+        for index in range(len(image_shapes)):
+            image_boxes: List[Tensor] = []
+            image_scores: List[Tensor] = []
+            image_labels: List[Tensor] = []
+            for box_regression_per_level, logits_per_level, box_ctrness_per_level, anchors_per_level in zip(
+                    [br[index] for br in head_outputs["bbox_regression"]],
+                    [cl[index] for cl in head_outputs["cls_logits"]],
+                    [bc[index] for bc in head_outputs["bbox_ctrness"]], anchors[index]):
+                num_classes = logits_per_level.shape[-1]
+                scores_per_level = torch.sqrt(
+                    torch.sigmoid(logits_per_level) * torch.sigmoid(box_ctrness_per_level)).flatten()
+                keep_idxs = scores_per_level > self.score_thresh
+                scores_per_level = scores_per_level[keep_idxs]
+                topk_idxs = torch.where(keep_idxs)[0]
+                num_topk = tv_det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
+                scores_per_level, idxs = scores_per_level.topk(num_topk)
+                topk_idxs = topk_idxs[idxs]
+                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+                boxes_per_level = self.box_coder.decode(box_regression_per_level[anchor_idxs],
+                                                        anchors_per_level[anchor_idxs])
+                image_boxes.append(tv_boxes.clip_boxes_to_image(boxes_per_level, image_shapes[index]))
+                image_scores.append(scores_per_level)
+                image_labels.append(topk_idxs % num_classes)
+            boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+            if self.torchvision_tie_order:
+                keep = _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)
+                keep = keep[: self.detections_per_img]
+            else:
+                keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return detections
+
+
 def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> nn.Module:
     """Puts rpn_ops inside a torchvision detection model, in place, and returns the model.
 
@@ -403,15 +618,16 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
                         f"{type(model).__name__}")
     if not isinstance(torchvision_tie_order, bool):
         raise TypeError(f"torchvision_tie_order must be True or False, got {torchvision_tie_order!r}")
-    if isinstance(model, tv_retinanet.RetinaNet):
-        if type(model) not in (tv_retinanet.RetinaNet, RetinaNet):
-            raise TypeError(f"patch_torchvision supports torchvision's RetinaNet class only; this model is "
-                            f"{type(model).__qualname__}, a subclass whose overrides would be lost")
-        model.anchor_generator = _our_anchor_generator(model.anchor_generator)
-        model.box_coder = _our_box_coder(model.box_coder)
-        model.__class__ = RetinaNet
-        model.torchvision_tie_order = torchvision_tie_order
-        return model
+    for torchvision_class, ours in ((tv_retinanet.RetinaNet, RetinaNet), (tv_ssd.SSD, SSD), (tv_fcos.FCOS, FCOS)):
+        if isinstance(model, torchvision_class):
+            if type(model) not in (torchvision_class, ours):
+                raise TypeError(f"patch_torchvision supports torchvision's {torchvision_class.__name__} class only; "
+                                f"this model is {type(model).__qualname__}, a subclass whose overrides would be lost")
+            model.anchor_generator = _our_anchor_generator(model.anchor_generator)
+            model.box_coder = _our_box_coder(model.box_coder)  # FCOS's BoxLinearCoder: kept
+            model.__class__ = ours
+            model.torchvision_tie_order = torchvision_tie_order
+            return model
     rpn = getattr(model, "rpn", None)
     if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
         raise TypeError(f"patch_torchvision needs a RetinaNet or a model whose .rpn is torchvision's "

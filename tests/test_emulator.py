@@ -126,6 +126,8 @@ def every_op_once():
     rpn_ops.encode_boxes(gt[0][torch.arange(len(anchors[0])) % 7], anchors[0], (1.0, 1.0, 1.0, 1.0))
     rpn_ops.match_anchors(gt[0], anchors[0])
     rpn_ops.match_anchors(gt[0].double(), anchors[0].double())
+    rpn_ops.match_anchors(gt, anchors, 0.5, 0.5, False, force_best_anchors=True)
+    rpn_ops.match_fcos(gt, anchors, [f.shape[-2] * f.shape[-1] * 3 for f in features])
     rpn_ops.assign_targets(anchors, gt)
     num_anchors_per_level = [f.shape[-2] * f.shape[-1] * 3 for f in features]
     objectness = torch.randn(2 * len(anchors[0]), 1, generator=torch.Generator().manual_seed(3))

@@ -7,8 +7,11 @@
 // their union cannot be 0, see union_is_nonzero).
 // Between the passes, each box's highest IoU is the largest of its chunks'.
 // Pass 2, per chunk: only where a chunk holds a box's highest IoU are the IoUs recomputed, to flag the anchors
-// that reach it (low-quality matches). Then Matcher's decision per anchor (matching.h), and for
+// that reach it (low-quality matches). Then Matcher's decision per anchor (matching.h), SSDMatcher's forced
+// matches (each box's first anchor of highest IoU, looked for in the first chunk holding it), and for
 // assign_targets the labels, the matched boxes and their encoding (box_coding.h, with PyTorch's log).
+// match_fcos: one pass per chunk, every box of the image against the chunk's points (matching.h's FCOS rule),
+// skipping the boxes whose sides enclose none of the chunk's points.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,6 +37,9 @@ constexpr int64_t kMinChunkAnchors = 2048;  // anchors per task at least
 // ground-truth boxes per image: assign_targets takes 19 ns + 0.27 ns per box of its image for the two passes.
 constexpr double kPassNanoseconds = 9.5;
 constexpr double kPassNanosecondsPerBox = 0.135;
+// match_fcos per anchor: estimated, to be measured (see the stop note).
+constexpr double kFcosNanoseconds = 10.0;
+constexpr double kFcosNanosecondsPerBox = 3.0;
 
 // One image's slice of the batch, and where its chunks' partial maxima start.
 struct ImageSpan {
@@ -165,6 +171,63 @@ Kernels<U> match_kernels() {
   }
 }
 
+// The first anchor of `chunk` whose IoU with `gt` is `highest` (is_highest), as torch.max(dim=1) picks it.
+template <typename C, typename U>
+int64_t first_anchor_reaching(const Kernels<U>& kernels, const AnchorColumns<U>& columns, const U* gt, U highest) {
+  const MatchBox<U> g{gt[0], gt[1], gt[2], gt[3], gt[4]};
+  uint8_t flags[kBlockAnchors];
+  for (int64_t b = 0; b < columns.blocks(); ++b) {
+    const ColumnBoxes<U> block = columns.block(b);
+    if (columns.all_zero(b, gt)) {  // IoUs +-0
+      if (highest == U(0)) return b * kBlockAnchors;
+      continue;
+    }
+    if (highest != highest) {  // 0 / 0, exact in any kernel
+      for (int64_t j = 0; j < block.count; ++j) {
+        const U iou = match_iou<C>(g, {block.x1[j], block.y1[j], block.x2[j], block.y2[j], block.area[j]});
+        if (iou != iou) return b * kBlockAnchors + j;
+      }
+      continue;
+    }
+    std::fill(flags, flags + block.count, uint8_t{0});
+    kernels.match_flag(block, gt, highest, flags);
+    const uint8_t* first = std::find(flags, flags + block.count, uint8_t{1});
+    if (first != flags + block.count) return b * kBlockAnchors + (first - flags);
+  }
+  return -1;
+}
+
+// SSDMatcher's anchor for each box of the batch (global index): its first anchor of highest IoU, in the first
+// chunk of its image whose largest IoU for it is its highest.
+template <typename C, typename U, typename A>
+std::vector<int64_t> first_best_anchors(const Kernels<U>& kernels, const std::vector<ImageSpan>& images,
+                                        const std::vector<Chunk>& chunks, const std::vector<U>& partials,
+                                        const std::vector<U>& gt_highest, const std::vector<U>& gt_columns,
+                                        const A* anchor_data, double pass_cost) {
+  std::vector<int64_t> best_anchor(gt_highest.size(), -1);
+  std::vector<std::vector<int64_t>> gts_of_chunk(chunks.size());
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const ImageSpan& image = images[chunks[c].image];
+    for (int64_t g = image.first_gt; g < image.first_gt + image.gts; ++g) {
+      if (best_anchor[g] == -1 && is_highest(partials[chunks[c].first_partial + g - image.first_gt], gt_highest[g])) {
+        best_anchor[g] = -2;  // claimed by this chunk
+        gts_of_chunk[c].push_back(g);
+      }
+    }
+  }
+  for_each_chunk(static_cast<int64_t>(chunks.size()), pass_cost / 8, [&](int64_t c) {
+    if (gts_of_chunk[c].empty()) return;
+    thread_local AnchorColumns<U> columns;
+    columns.load(anchor_data + 4 * chunks[c].first_anchor, chunks[c].count);
+    for (const int64_t g : gts_of_chunk[c]) {
+      const int64_t j = first_anchor_reaching<C>(kernels, columns, gt_columns.data() + 5 * g, gt_highest[g]);
+      TORCH_INTERNAL_ASSERT(j >= 0, "no anchor reaches ground-truth box ", g, "'s highest IoU");
+      best_anchor[g] = chunks[c].first_anchor + j;
+    }
+  });
+  return best_anchor;
+}
+
 // What the matching passes leave for each anchor of the batch.
 template <typename U>
 struct AnchorMatches {
@@ -176,12 +239,13 @@ struct AnchorMatches {
 // `decisions` holds Matcher's result for the chunk's anchors (unused for images without ground truth).
 template <typename G, typename A, typename Finish>
 void match_batch(const at::Tensor& gt_boxes, const at::Tensor& anchors, std::vector<ImageSpan> images,
-                 double high_threshold, double low_threshold, bool allow_low_quality_matches, const Finish& finish) {
+                 double high_threshold, double low_threshold, bool allow_low_quality_matches,
+                 bool force_best_anchors, const Finish& finish) {
   using U = iou_t<G, A>;
   using C = corner_t<G, A>;
   const Kernels<U> kernels = match_kernels<C, U>();
   const MatchThresholds<U> thresholds{static_cast<U>(high_threshold), static_cast<U>(low_threshold),
-                                      allow_low_quality_matches};
+                                      allow_low_quality_matches, force_best_anchors};
 
   const int64_t gt_count = gt_boxes.size(0), anchor_count = anchors.size(0);
   const G* gt_data = gt_boxes.data_ptr<G>();
@@ -245,6 +309,10 @@ void match_batch(const at::Tensor& gt_boxes, const at::Tensor& anchors, std::vec
       highest = max_propagating_nan(highest, partials[chunk.first_partial + g]);
     }
   }
+  const std::vector<int64_t> forced_anchor =
+      force_best_anchors ? first_best_anchors<C>(kernels, images, chunks, partials, gt_highest, gt_columns,
+                                                 anchor_data, pass_cost)
+                         : std::vector<int64_t>();
 
   for_each_chunk(chunk_count, pass_cost, [&](int64_t c) {
     const Chunk& chunk = chunks[c];
@@ -281,6 +349,10 @@ void match_batch(const at::Tensor& gt_boxes, const at::Tensor& anchors, std::vec
         decisions[j] = match_decision(best[j], static_cast<int64_t>(best_gt[j]), reaches_gt_highest[j] != 0,
                                       thresholds);
       }
+      for (int64_t g = 0; force_best_anchors && g < image.gts; ++g) {
+        const int64_t j = forced_anchor[image.first_gt + g] - chunk.first_anchor;  // the last box wins
+        if (j >= 0 && j < chunk.count) decisions[j] = g;
+      }
     }
     finish(chunk, image, decisions.data());
   });
@@ -288,7 +360,7 @@ void match_batch(const at::Tensor& gt_boxes, const at::Tensor& anchors, std::vec
 
 at::Tensor match_anchors(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
                          at::IntArrayRef anchors_per_image, double high_threshold, double low_threshold,
-                         bool allow_low_quality_matches) {
+                         bool allow_low_quality_matches, bool force_best_anchors) {
   check_matching_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, high_threshold, low_threshold,
                         /*empty_gt_allowed=*/false);
   at::Tensor out = at::empty({anchors.size(0)}, anchors.options().dtype(at::kLong));
@@ -297,9 +369,81 @@ at::Tensor match_anchors(const at::Tensor& gt_boxes, const at::Tensor& anchors, 
   int64_t* matched = out.data_ptr<int64_t>();
   visit_float_types(gt.scalar_type(), anchor.scalar_type(), [&]<typename G, typename A>() {
     match_batch<G, A>(gt, anchor, spans_of(gt_per_image, anchors_per_image), high_threshold, low_threshold,
-                      allow_low_quality_matches, [&](const Chunk& chunk, const ImageSpan&, const int64_t* decisions) {
+                      allow_low_quality_matches, force_best_anchors,
+                      [&](const Chunk& chunk, const ImageSpan&, const int64_t* decisions) {
                         std::copy(decisions, decisions + chunk.count, matched + chunk.first_anchor);
                       });
+  });
+  return out;
+}
+
+// FCOS's assignment: threads over chunks of anchors, each chunk's points against every box of its image.
+template <typename T>
+void match_fcos_batch(const T* gt_data, const T* anchor_data, std::vector<ImageSpan> images, FcosLevels levels,
+                      T radius, int64_t* matched) {
+  std::vector<FcosBox<T>> boxes;
+  for (const ImageSpan& image : images) {
+    for (int64_t g = image.first_gt; g < image.first_gt + image.gts; ++g) {
+      const T* box = gt_data + 4 * g;
+      if (!(std::isfinite(box[0]) && std::isfinite(box[1]) && std::isfinite(box[2]) && std::isfinite(box[3]))) {
+        fail_non_finite_boxes("gt_boxes");
+      }
+      boxes.push_back(fcos_box(box));
+    }
+  }
+  int64_t partial_count = 0;
+  const std::vector<Chunk> chunks = chunks_of(images, partial_count);
+  const double gt_per_image = static_cast<double>(boxes.size()) / std::max<size_t>(1, images.size());
+  const double anchor_count = images.empty() ? 0.0 : static_cast<double>(images.back().first_anchor + images.back().anchors);
+  std::atomic<bool> non_finite{false};
+  for_each_chunk(static_cast<int64_t>(chunks.size()), anchor_count * (kFcosNanoseconds + gt_per_image * kFcosNanosecondsPerBox),
+                 [&](int64_t c) {
+    const Chunk& chunk = chunks[c];
+    const ImageSpan& image = images[chunk.image];
+    thread_local std::vector<FcosPoint<T>> points;
+    thread_local std::vector<T> best;
+    thread_local std::vector<int64_t> best_box;
+    points.resize(chunk.count);
+    best.assign(chunk.count, T(0));
+    best_box.assign(chunk.count, -1);
+    for (int64_t j = 0; j < chunk.count; ++j) {
+      const T* anchor = anchor_data + 4 * (chunk.first_anchor + j);
+      if (!(std::isfinite(anchor[0]) && std::isfinite(anchor[1]) && std::isfinite(anchor[2]) &&
+            std::isfinite(anchor[3]))) {
+        non_finite = true;
+      }
+      const int64_t local = chunk.first_anchor - image.first_anchor + j;
+      points[j] = fcos_point(anchor, radius, local < levels.first_level_end, local >= levels.last_level_begin);
+    }
+    T min_x = INFINITY, min_y = INFINITY, max_x = -INFINITY, max_y = -INFINITY;
+    for (int64_t j = 0; j < chunk.count; ++j) {
+      min_x = std::min(min_x, points[j].x), max_x = std::max(max_x, points[j].x);
+      min_y = std::min(min_y, points[j].y), max_y = std::max(max_y, points[j].y);
+    }
+    for (int64_t g = 0; g < image.gts; ++g) {
+      const FcosBox<T> box = boxes[image.first_gt + g];
+      // A point inside a box (every distance to its sides > 0) lies strictly between its sides: a box without
+      // any of the chunk's points between its sides is taken by none.
+      if (!(box.x1 < max_x && box.x2 > min_x && box.y1 < max_y && box.y2 > min_y)) continue;
+      for (int64_t j = 0; j < chunk.count; ++j) {
+        if (fcos_takes(points[j], box) && box.priority > best[j]) best[j] = box.priority, best_box[j] = g;
+      }
+    }
+    for (int64_t j = 0; j < chunk.count; ++j) matched[chunk.first_anchor + j] = fcos_decision(best[j], best_box[j]);
+  });
+  if (non_finite) fail_non_finite_boxes("anchors");
+}
+
+at::Tensor match_fcos(const at::Tensor& gt_boxes, const at::Tensor& anchors, at::IntArrayRef gt_per_image,
+                      at::IntArrayRef anchors_per_image, at::IntArrayRef anchors_per_level, double radius) {
+  check_fcos_inputs(gt_boxes, anchors, gt_per_image, anchors_per_image, anchors_per_level, radius);
+  at::Tensor out = at::empty({anchors.size(0)}, anchors.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  const at::Tensor gt = gt_boxes.contiguous(), anchor = anchors.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "rpn_ops_match_fcos", [&] {
+    match_fcos_batch<scalar_t>(gt.data_ptr<scalar_t>(), anchor.data_ptr<scalar_t>(),
+                               spans_of(gt_per_image, anchors_per_image), fcos_levels(anchors_per_level),
+                               static_cast<scalar_t>(radius), out.data_ptr<int64_t>());
   });
   return out;
 }
@@ -343,7 +487,7 @@ void fill_targets(const at::Tensor& gt, const at::Tensor& anchors, at::IntArrayR
     }
   };
   match_batch<G, A>(gt, anchors, spans_of(gt_per_image, anchors_per_image), high_threshold, low_threshold,
-                    allow_low_quality_matches, finish);
+                    allow_low_quality_matches, /*force_best_anchors=*/false, finish);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets(
@@ -367,6 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets(
 
 TORCH_LIBRARY_IMPL(rpn_ops, CPU, m) {
   m.impl("match_anchors", TORCH_FN(match_anchors));
+  m.impl("match_fcos", TORCH_FN(match_fcos));
   m.impl("assign_targets", TORCH_FN(assign_targets));
 }
 
