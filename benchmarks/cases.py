@@ -341,10 +341,11 @@ def _model_inputs(num_images: int, num_gt: int, device):
     return images, targets if num_gt else None
 
 
-def _run_model(which: int, training: bool, images, targets) -> List[torch.Tensor]:
-    """Eval: the detections (boxes, labels, scores per image) as one flat list. Training: one step's losses
-    after forward and backward (gradients cleared first), same random draws for both models."""
-    model = _detection_models(images[0].device)[which]
+def _run_model(models: Callable, which: int, training: bool, images, targets) -> List[torch.Tensor]:
+    """``models(device)[which]`` (0: torchvision's, 1: patched). Eval: the detections (boxes, labels, scores per
+    image) as one flat list. Training: one step's losses after forward and backward (gradients cleared first),
+    same random draws for both models."""
+    model = models(images[0].device)[which]
     model.train(training)
     if not training:
         with torch.no_grad():
@@ -367,9 +368,9 @@ def model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("
         f"model-{height}x{width}-b{num_images}-{mode}", "model",
         f"fasterrcnn_resnet50_fpn {step}, {height}x{width}, batch {num_images}",
         dict(images=num_images, gt=num_gt if training else 0),
-        partial(_model_inputs, num_images, num_gt if training else 0), partial(_run_model, 1, training),
-        partial(_run_model, 0, training), reference=None, size=num_images, size_unit="images (800 x 1216)",
-        series=mode, devices=devices, min_runs=3)
+        partial(_model_inputs, num_images, num_gt if training else 0),
+        partial(_run_model, _detection_models, 1, training), partial(_run_model, _detection_models, 0, training),
+        reference=None, size=num_images, size_unit="images (800 x 1216)", series=mode, devices=devices, min_runs=3)
 
 
 RETINANET_STRIDES = (8, 16, 32, 64, 128)  # P3-P7
@@ -420,6 +421,22 @@ def retinanet_postprocess_workload(num_images: int) -> Workload:
         f"RetinaNet detections, {height}x{width}, batch {num_images}, 91 classes", dict(images=num_images),
         partial(_retinanet_head_inputs, num_images), partial(run, 1), partial(run, 0), None,
         size=num_images, size_unit="images (800 x 1216, FPN)", series="post-process")
+
+
+def retinanet_model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")
+                             ) -> Workload:
+    """The whole retinanet_resnet50_fpn (randomly initialised), patched against as shipped, on 800 x 1216 images:
+    inference, or a training step (forward with ``num_gt`` GT boxes per image and backward)."""
+    mode = "train" if training else "eval"
+    height, width = workloads.IMAGE_SIZE
+    step = f"training step, forward + backward ({num_gt} GT per image)" if training else "inference"
+    return Workload(
+        f"retinanet-model-{height}x{width}-b{num_images}-{mode}", "retinanet",
+        f"retinanet_resnet50_fpn {step}, {height}x{width}, batch {num_images}",
+        dict(images=num_images, gt=num_gt if training else 0),
+        partial(_model_inputs, num_images, num_gt if training else 0), partial(_run_model, _retinanets, 1, training),
+        partial(_run_model, _retinanets, 0, training), reference=None, size=num_images,
+        size_unit="images (800 x 1216)", series=mode, devices=devices, min_runs=3)
 
 
 def _retinanet_target_inputs(num_images: int, num_gt: int, device):
@@ -608,21 +625,6 @@ def _ssd_model_inputs(name: str, num_images: int, num_gt: int, device):
     return images, targets if num_gt else None
 
 
-def _run_ssd(name: str, which: int, training: bool, images, targets) -> List[torch.Tensor]:
-    """As _run_model, for an SSD."""
-    model = _ssds(name, images[0].device)[which]
-    model.train(training)
-    if not training:
-        with torch.no_grad():
-            return [d[k] for d in model(images) for k in ("boxes", "labels", "scores")]
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    losses = model(images, targets)
-    sum(losses.values()).backward()
-    model.eval()
-    return [losses[k].detach() for k in sorted(losses)]
-
-
 def ssd_model_workload(name: str, num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")
                        ) -> Workload:
     """A whole SSD (randomly initialised), patched (ours) and as torchvision ships it: eval inference, or a training
@@ -632,9 +634,9 @@ def ssd_model_workload(name: str, num_images: int, training: bool, num_gt: int =
     return Workload(
         f"ssd-model-{name}-b{num_images}-{mode}", "ssd", f"{SSD_MODELS[name][0]} {step}, batch {num_images}",
         dict(images=num_images, gt=num_gt if training else 0),
-        partial(_ssd_model_inputs, name, num_images, num_gt if training else 0), partial(_run_ssd, name, 1, training),
-        partial(_run_ssd, name, 0, training), reference=None, size=num_images, size_unit="images",
-        series=f"{name} {mode}", devices=devices, min_runs=3)
+        partial(_ssd_model_inputs, name, num_images, num_gt if training else 0),
+        partial(_run_model, partial(_ssds, name), 1, training), partial(_run_model, partial(_ssds, name), 0, training),
+        reference=None, size=num_images, size_unit="images", series=f"{name} {mode}", devices=devices, min_runs=3)
 
 
 def _full_only(workload: Workload, full_only: bool = True) -> Workload:
@@ -667,6 +669,8 @@ WORKLOADS: List[Workload] = [
     *(_full_only(model_workload(2, training)) for training in (False, True)),
     retinanet_postprocess_workload(2),
     retinanet_targets_workload(2, 50),
+    *(_full_only(retinanet_model_workload(2, training)) for training in (False, True)),
+    *(retinanet_model_workload(8, training, devices=("cuda",)) for training in (False, True)),
     fcos_postprocess_workload(2),
     fcos_targets_workload(2, 50),
     ssd_postprocess_workload("ssd300", 2),

@@ -597,8 +597,9 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
     ...)``), Mask R-CNN, Keypoint R-CNN, or any module whose ``rpn`` is torchvision's ``RegionProposalNetwork``.
     ``model.rpn`` becomes :class:`rpn_ops.RegionProposalNetwork` (sharing the head; a custom anchor generator
     is kept as it is), and ``model.roi_heads``, when it is torchvision's ``RoIHeads``, becomes
-    :class:`rpn_ops.RoIHeads` (rpn_ops' box coder and NMS). Or ``model`` is a RetinaNet (v1 or v2), which becomes
-    :class:`rpn_ops.RetinaNet`. Parameters, ``state_dict`` keys, configuration and training mode are unchanged.
+    :class:`rpn_ops.RoIHeads` (rpn_ops' box coder and NMS). Or ``model`` is a one-stage detector: a RetinaNet (v1
+    or v2), an FCOS or an SSD (SSD300, SSDlite), which becomes :class:`rpn_ops.RetinaNet`, :class:`rpn_ops.FCOS` or
+    :class:`rpn_ops.SSD`. Parameters, ``state_dict`` keys, configuration and training mode are unchanged.
     Patching twice is harmless.
 
     Args:
@@ -609,8 +610,8 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
             unspecified one (see :class:`RegionProposalNetwork`).
 
     Raises:
-        TypeError: ``model`` is neither a RetinaNet nor a module whose ``rpn`` is torchvision's
-            ``RegionProposalNetwork``, or it (a RetinaNet) or its ``rpn`` / ``roi_heads`` is a subclass of
+        TypeError: ``model`` is neither a RetinaNet, FCOS or SSD nor a module whose ``rpn`` is torchvision's
+            ``RegionProposalNetwork``, or it (a one-stage model) or its ``rpn`` / ``roi_heads`` is a subclass of
             torchvision's class, whose overrides would be lost, or ``torchvision_tie_order`` is not a bool.
     """
     if not isinstance(model, nn.Module):
@@ -630,7 +631,7 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
             return model
     rpn = getattr(model, "rpn", None)
     if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
-        raise TypeError(f"patch_torchvision needs a RetinaNet or a model whose .rpn is torchvision's "
+        raise TypeError(f"patch_torchvision needs a RetinaNet, FCOS or SSD or a model whose .rpn is torchvision's "
                         f"RegionProposalNetwork (Faster / Mask / Keypoint R-CNN); {type(model).__name__}.rpn is "
                         f"{type(rpn).__name__ if rpn is not None else 'missing'}")
     if type(rpn) not in (tv_rpn.RegionProposalNetwork, RegionProposalNetwork):
