@@ -90,3 +90,28 @@ def test_patched_faster_rcnn_exports_to_onnx_with_the_default_exporter(tmp_path)
         with torch.no_grad():
             expected = model(images)[0]
         assert_onnx_detections(run_onnx(session, images[0]), expected)
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_patched_one_stage_detectors_export_to_onnx_as_torchvisions_do(name, tmp_path):
+    """The legacy exporter, as torchvision's ONNX tests use it: the patched RetinaNet / FCOS export to standard
+    operators and onnxruntime gives the eager model's detections, for images of the exported size (torchvision's
+    own RetinaNet graph keeps that size's anchor count, patched or not). SSD's export fails in torchvision's own
+    code (a fixed-size resize), patched or not."""
+    from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
+    torch.manual_seed(0)
+    build, score_thresh = {"retinanet": (retinanet_resnet50_fpn, 0.005), "fcos": (fcos_resnet50_fpn, 0.05)}[name]
+    model = rpn_ops.patch_torchvision(build(weights=None, weights_backbone=None, num_classes=5, min_size=160,
+                                            max_size=240, score_thresh=score_thresh).eval())
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(model, (images_of((160, 200)),), path, dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=["boxes", "scores", "labels"],
+                      dynamic_axes={"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
+    session = onnx_session(path)
+    for seed in (1, 2):
+        images = images_of((160, 200), seed=seed)
+        with torch.no_grad():
+            expected = model(images)[0]
+        assert len(expected["boxes"]) > 50
+        boxes, scores, labels = run_onnx(session, images[0])
+        assert_onnx_detections((boxes, labels, scores), expected)
