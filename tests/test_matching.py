@@ -420,6 +420,10 @@ def test_opcheck(device):
     gt_rows, anchor_rows = torch.cat(gts), torch.cat(anchors)
     counts = ([len(g) for g in gts], [len(a) for a in anchors])
     torch.library.opcheck(torch.ops.rpn_ops.match_anchors.default, (gt_rows, anchor_rows, *counts, 0.7, 0.3, True))
+    torch.library.opcheck(torch.ops.rpn_ops.match_anchors.default,
+                          (gt_rows, anchor_rows, *counts, 0.5, 0.5, False, True))
+    levels = [len(anchors[0]) - 700, 500, 200]
+    torch.library.opcheck(torch.ops.rpn_ops.match_fcos.default, (gt_rows, anchor_rows, *counts, levels, 1.5))
     torch.library.opcheck(torch.ops.rpn_ops.assign_targets.default,
                           (gt_rows.half(), anchor_rows, *counts, 0.7, 0.3, True, [1.0, 1.0, 2.0, 2.0]))
     torch.library.opcheck(torch.ops.rpn_ops.assign_targets.default,
@@ -432,12 +436,17 @@ def test_torch_compile_traces_without_graph_breaks(device):
     def training_targets(anchors, gts):
         matches = rpn_ops.match_anchors(gts[0], anchors[0])
         labels, matched, targets = rpn_ops.assign_targets(anchors, gts)
-        return matches, labels, matched, targets
+        forced = rpn_ops.match_anchors(gts, anchors, 0.5, 0.5, False, force_best_anchors=True)
+        fcos = rpn_ops.match_fcos(gts, anchors, [len(anchors[0]) - 700, 700])
+        return matches, labels, matched, targets, forced, fcos
 
     torch._dynamo.reset()
     anchors, gts = batch_scene(device, kinds=("crowded", "random"))
-    matches, *got = training_targets(anchors, gts)
+    matches, *got, forced, fcos = training_targets(anchors, gts)
     assert_same_matches(matches, tv_match(gts[0], anchors[0]))
+    for g, a, f, m in zip(gts, anchors, forced, fcos):
+        assert torch.equal(f, rpn_ops.match_anchors(g, a, 0.5, 0.5, False, force_best_anchors=True))
+        assert torch.equal(m, rpn_ops.match_fcos(g, a, [len(a) - 700, 700]))
     assert_same_targets(got, tv_assign(anchors, gts))
 
 
