@@ -113,7 +113,11 @@ def test_forced_matches_are_ssd_matchers_on_adversarial_boxes(device, dtype):
         got = rpn_ops.match_anchors(gt.to(device), anchors.to(device), threshold, threshold, False,
                                     force_best_anchors=True)
         assert torch.equal(got.cpu(), expected), threshold
-    assert (expected == len(gt) - 1).sum() >= 1 and not (expected == 5).any()  # the last duplicate wins
+    # Threshold 1.0: of equal boxes (0 and 25, 5 and 33) the last takes the forced anchor. Boxes 28 and 29 equal
+    # anchors 7 and 3007 (a duplicate): the first of those is forced to 29, the other matches box 28 by IoU 1.0.
+    assert not (expected == 0).any() and (expected == 25).sum() == 1
+    assert not (expected == 5).any() and (expected == len(gt) - 1).sum() == 1
+    assert expected[7] == 29 and expected[3007] == 28
     images = [(gt, anchors), (gt[3:9], anchors[:700]), (far, anchors[:300])]
     got = rpn_ops.match_anchors([g.to(device) for g, _ in images], [a.to(device) for _, a in images], 0.5, 0.5,
                                 False, force_best_anchors=True)
