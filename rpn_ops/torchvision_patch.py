@@ -386,8 +386,8 @@ def _class_candidates(boxes: Tensor, scores: Tensor, score_thresh: float, topk_c
     its scores above ``score_thresh`` (anchor order), their best ``topk_candidates`` (torch.topk of that very
     tensor, so equal scores come in its order), with their boxes and labels, the classes one after the other.
 
-    Here one comparison over the transposed ``[classes - 1, anchors]`` scores finds every class's candidates; a
-    top-k per class remains. Traced or exported to ONNX, where the per-class counts would become constants:
+    Here one comparison over the scores and one ``nonzero`` of its transpose find every class's candidates in
+    that order; a top-k per class remains. Traced or exported to ONNX, where the per-class counts would become constants:
     torchvision's loop."""
     num_classes = scores.shape[-1]
     if not torch.jit.is_scripting() and (torch.jit.is_tracing() or _portable.exporting_to_onnx()):
@@ -403,11 +403,10 @@ def _class_candidates(boxes: Tensor, scores: Tensor, score_thresh: float, topk_c
             image_scores.append(score)
             image_labels.append(torch.full_like(score, fill_value=label, dtype=torch.int64))
         return torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-    class_scores = scores[:, 1:].t().contiguous()
-    above = class_scores > score_thresh
-    candidates = class_scores[above]
-    anchor_idxs = torch.where(above)[1]
-    counts: List[int] = above.sum(1).tolist()
+    above = (scores[:, 1:] > score_thresh).t().nonzero()  # (class - 1, anchor), class by class, anchors in order
+    anchor_idxs = above[:, 1]
+    candidates = scores[anchor_idxs, above[:, 0] + 1]
+    counts: List[int] = torch.bincount(above[:, 0], minlength=num_classes - 1).tolist()
     selected_scores: List[Tensor] = []
     selected: List[Tensor] = []
     labels: List[Tensor] = []
