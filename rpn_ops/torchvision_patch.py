@@ -77,6 +77,15 @@ def _batched_nms_in_torchvision_order(boxes: Tensor, scores: Tensor, idxs: Tenso
                                                           _per_class_nms_above(boxes.device))
 
 
+def _class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, nms_thresh: float, detections_per_img: int,
+               torchvision_tie_order: bool) -> Tensor:
+    """The detection heads' per-class NMS and their best ``detections_per_img``: in torchvision's order of equal
+    scores, or (``torchvision_tie_order`` False) one rpn_ops.batched_nms call with early exit."""
+    if torchvision_tie_order:
+        return _batched_nms_in_torchvision_order(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    return batched_nms(boxes, scores, labels, nms_thresh, detections_per_img)
+
+
 def _selected_levels(top_n_idx: Tensor, num_anchors_per_level: List[int]) -> Tensor:
     """The feature-map level of each selected anchor index. Traced or exported to ONNX, where the level sizes are
     traced tensors, as torchvision's filter_proposals computes it (a level per anchor, then indexed)."""
@@ -262,11 +271,6 @@ class RoIHeads(TorchvisionRoIHeads):
                        "fg_bg_sampler": tv_det_utils.BalancedPositiveNegativeSampler}
     torchvision_tie_order = True
 
-    def _class_nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        if self.torchvision_tie_order:
-            return _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-        return batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
-
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: List[Tensor],
                                image_shapes: List[Tuple[int, int]]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """torchvision's steps (decode, softmax, clip, one instance per non-background class, score and size
@@ -287,7 +291,8 @@ class RoIHeads(TorchvisionRoIHeads):
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = tv_boxes.remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = self._class_nms(boxes, scores, labels)
+            keep = _class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img,
+                              self.torchvision_tie_order)
             all_boxes.append(boxes[keep])
             all_scores.append(scores[keep])
             all_labels.append(labels[keep])
@@ -371,11 +376,8 @@ class RetinaNet(tv_retinanet.RetinaNet):
                 image_scores.append(scores_per_level)
                 image_labels.append(topk_idxs % num_classes)
             boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-            if self.torchvision_tie_order:
-                keep = _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)
-                keep = keep[: self.detections_per_img]
-            else:
-                keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+            keep = _class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img,
+                              self.torchvision_tie_order)
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
 
@@ -519,11 +521,8 @@ class SSD(tv_ssd.SSD):
         for boxes, scores, anchors, image_shape in zip(bbox_regression, pred_scores, image_anchors, image_shapes):
             boxes = tv_boxes.clip_boxes_to_image(self.box_coder.decode_single(boxes, anchors), image_shape)
             boxes, scores, labels = _class_candidates(boxes, scores, self.score_thresh, self.topk_candidates)
-            if self.torchvision_tie_order:
-                keep = _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)
-                keep = keep[: self.detections_per_img]
-            else:
-                keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+            keep = _class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img,
+                              self.torchvision_tie_order)
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
 
@@ -580,11 +579,8 @@ class FCOS(tv_fcos.FCOS):
                 image_scores.append(scores_per_level)
                 image_labels.append(topk_idxs % num_classes)
             boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-            if self.torchvision_tie_order:
-                keep = _batched_nms_in_torchvision_order(boxes, scores, labels, self.nms_thresh)
-                keep = keep[: self.detections_per_img]
-            else:
-                keep = batched_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
+            keep = _class_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img,
+                              self.torchvision_tie_order)
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
 

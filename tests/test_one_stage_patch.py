@@ -82,8 +82,14 @@ def test_training_losses_and_gradients_are_torchvisions(device, version):
     model.train(), patched.train()
     for net in (model, patched):
         net.backbone.body.requires_grad_(False)
-    images = _images(device, sizes=((160, 220), (150, 200)))
-    for counts in [(3, 12), (0, 5), (0, 0), (50, 50)]:
+    assert_same_training_steps(model, patched, _images(device, sizes=((160, 220), (150, 200))),
+                               [(3, 12), (0, 5), (0, 0), (50, 50)], device)
+
+
+def assert_same_training_steps(model, patched, images, counts_per_step, device):
+    """One training step per entry of ground-truth counts (one per image): the same losses and, after backward,
+    the same head gradients."""
+    for counts in counts_per_step:
         targets = _targets(counts, device, image_size=(150, 200))
         for net in (model, patched):
             net.zero_grad()

@@ -13,6 +13,7 @@ from torchvision.ops import boxes as box_ops
 import rpn_ops
 from rpn_ops import reference, workloads
 from rpn_ops.torchvision_patch import _class_candidates
+from test_one_stage_patch import assert_same_training_steps
 from test_torchvision_patch import (_images, _targets, assert_equal_detections, assert_equal_losses,
                                     assert_same_detections_up_to_ties)
 
@@ -80,20 +81,8 @@ def test_training_losses_and_gradients_are_torchvisions(device):
     model.train(), patched.train()
     for net in (model, patched):
         net.backbone.requires_grad_(False)
-    images = _images(device, sizes=((160, 220), (150, 200)))
-    for counts in [(3, 12), (0, 5), (0, 0), (60, 60)]:
-        targets = _targets(counts, device, image_size=(150, 200))
-        for net in (model, patched):
-            net.zero_grad()
-        expected, got = model(images, targets), patched(images, targets)
-        assert_equal_losses(expected, got)
-        sum(expected.values()).backward()
-        sum(got.values()).backward()
-        theirs, ours = dict(model.named_parameters()), dict(patched.named_parameters())
-        checked = [n for n in theirs if n.startswith("head.") and theirs[n].grad is not None]
-        assert len(checked) >= 4
-        for n in checked:
-            assert torch.equal(theirs[n].grad, ours[n].grad), (counts, n)
+    assert_same_training_steps(model, patched, _images(device, sizes=((160, 220), (150, 200))),
+                               [(3, 12), (0, 5), (0, 0), (60, 60)], device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
