@@ -75,6 +75,16 @@ def anchor_ops(device):
                                                                           **settings)
     yield "generate_proposals AnchorGrid", lambda: rpn_ops.generate_proposals(objectness, deltas, grid, **settings)
 
+    class_logits = (torch.randn(BATCH, sum(per_level), 21, generator=g) * 2 - 4).to(device)
+    class_deltas = deltas.view(BATCH, -1, 4)
+    detections = dict(image_sizes=images.image_sizes, num_anchors_per_level=per_level, topk_candidates=300)
+    yield "dense_detections sigmoid, per level", lambda: rpn_ops.dense_detections(
+        class_logits, class_deltas, anchors, **detections)
+    yield "dense_detections softmax, per class, padded, AnchorGrid", lambda: rpn_ops.dense_detections(
+        class_logits, class_deltas, grid, activation="softmax", topk_per="class", padded=True, **detections)
+    yield "dense_detections float64, 5 per image", lambda: rpn_ops.dense_detections(
+        class_logits.double(), class_deltas.double(), anchors, detections_per_img=5, **detections)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

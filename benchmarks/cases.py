@@ -423,6 +423,67 @@ def retinanet_postprocess_workload(num_images: int) -> Workload:
         size=num_images, size_unit="images (800 x 1216, FPN)", series="post-process")
 
 
+def _retinanet_dense_inputs(num_images: int, device):
+    """The inputs of _retinanet_head_inputs as RetinaNet's head returns them, before its split by level: [B, A, C]
+    logits, [B, A, 4] deltas, the anchors of each image, the image sizes and the anchors per level."""
+    head_outputs, anchors, image_sizes = _retinanet_head_inputs(num_images, device)
+    per_level = [level.shape[1] for level in head_outputs["cls_logits"]]
+    return (torch.cat(head_outputs["cls_logits"], 1), torch.cat(head_outputs["bbox_regression"], 1),
+            [torch.cat(a) for a in anchors], image_sizes, per_level)
+
+
+def _detections(per_image: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+    return [t for d in per_image for t in (d["boxes"], d["scores"], d["labels"])]
+
+
+def dense_retinanet_workload(num_images: int, devices=("cpu", "cuda")) -> Workload:
+    """torchvision: RetinaNet.postprocess_detections (as shipped) on its head outputs, split by level as its forward
+    splits them; ours: one rpn_ops.dense_detections call with the model's settings."""
+    height, width = workloads.IMAGE_SIZE
+
+    def ours(class_logits, box_regression, anchors, image_sizes, per_level):
+        model = _retinanets(class_logits.device)[1]
+        boxes, scores, labels = rpn_ops.dense_detections(
+            class_logits, box_regression, anchors, image_sizes, per_level, model.score_thresh,
+            model.topk_candidates, model.nms_thresh, model.detections_per_img)
+        return [t for image in zip(boxes, scores, labels) for t in image]
+
+    def theirs(class_logits, box_regression, anchors, image_sizes, per_level):
+        model = _retinanets(class_logits.device)[0]
+        head_outputs = {"cls_logits": list(class_logits.split(per_level, 1)),
+                        "bbox_regression": list(box_regression.split(per_level, 1))}
+        return _detections(model.postprocess_detections(head_outputs, [list(a.split(per_level)) for a in anchors],
+                                                        image_sizes))
+
+    return Workload(
+        f"dense-retinanet-{height}x{width}-b{num_images}", "dense_detections",
+        f"RetinaNet detections in one op, {height}x{width}, batch {num_images}, 91 classes", dict(images=num_images),
+        partial(_retinanet_dense_inputs, num_images), ours, theirs, None, size=num_images,
+        size_unit="images (800 x 1216, FPN)", series="retinanet", devices=devices)
+
+
+def dense_ssd_workload(name: str, num_images: int, devices=("cpu", "cuda")) -> Workload:
+    """torchvision: SSD.postprocess_detections (as shipped); ours: one rpn_ops.dense_detections call (softmax scores,
+    top-k per class) with the model's settings."""
+
+    def ours(head_outputs, anchors, image_sizes):
+        model = _ssds(name, head_outputs["cls_logits"].device)[1]
+        boxes, scores, labels = rpn_ops.dense_detections(
+            head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, image_sizes,
+            [anchors[0].shape[0]], model.score_thresh, model.topk_candidates, model.nms_thresh,
+            model.detections_per_img, model.box_coder.weights, activation="softmax", topk_per="class")
+        return [t for image in zip(boxes, scores, labels) for t in image]
+
+    def theirs(head_outputs, anchors, image_sizes):
+        return _detections(_ssds(name, head_outputs["cls_logits"].device)[0].postprocess_detections(
+            head_outputs, anchors, image_sizes))
+
+    return Workload(
+        f"dense-{name}-b{num_images}", "dense_detections", f"{SSD_MODELS[name][0]} detections in one op, batch "
+        f"{num_images}, 91 classes", dict(images=num_images), partial(_ssd_head_inputs, name, num_images), ours,
+        theirs, None, size=num_images, size_unit="images", series=name, devices=devices)
+
+
 def retinanet_model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")
                              ) -> Workload:
     """The whole retinanet_resnet50_fpn (randomly initialised), patched against as shipped, on 800 x 1216 images:
@@ -678,6 +739,11 @@ WORKLOADS: List[Workload] = [
     ssd_targets_workload("ssd300", 2, 50),
     *(ssd_model_workload("ssdlite320", 2, training) for training in (False, True)),
     *(ssd_model_workload("ssdlite320", 8, training, devices=("cuda",)) for training in (False, True)),
+    dense_retinanet_workload(2),
+    dense_retinanet_workload(8, devices=("cuda",)),
+    dense_ssd_workload("ssd300", 2),
+    dense_ssd_workload("ssdlite320", 2),
+    dense_ssd_workload("ssd300", 8, devices=("cuda",)),
     *(model_workload(8, training, devices=("cuda",)) for training in (False, True)),
 ]
 
@@ -704,6 +770,8 @@ def parity(workload: Workload, ours, theirs, inputs) -> str:
             return "equal"
         if workload.op == "generate_proposals" and _same_proposals_up_to_ties(ours, theirs):
             return "equal up to ties"
+        if workload.op == "dense_detections" and _same_detections_up_to_ties(ours, theirs):
+            return "equal up to ties"
         if workload.op == "rpn" and workload.params.get("fused") and all(
                 _equal(a, b) or _same_rows_in_any_order(a, b) for a, b in zip(ours, theirs)):
             return "equal up to ties"  # the RPN returns no scores: proposals compared as sets of rows
@@ -727,6 +795,21 @@ def _same_proposals_up_to_ties(ours, theirs) -> bool:
         rows_a = sorted(map(tuple, torch.cat([scores_a[:, None].to(boxes_a), boxes_a], 1).tolist()))
         rows_b = sorted(map(tuple, torch.cat([scores_b[:, None].to(boxes_b), boxes_b], 1).tolist()))
         if rows_a != rows_b:
+            return False
+    return True
+
+
+def _same_detections_up_to_ties(ours, theirs) -> bool:
+    """Per image (boxes, scores, labels): the same score sequence, and among equal scores the same boxes and labels
+    in any order (torchvision leaves the order of equal scores to torch.topk and an unstable sort)."""
+    for image in range(0, len(ours), 3):
+        (boxes_a, scores_a, labels_a), (boxes_b, scores_b, labels_b) = ours[image:image + 3], theirs[image:image + 3]
+        if not (_equal(scores_a, scores_b) and boxes_a.shape == boxes_b.shape and boxes_a.dtype == boxes_b.dtype
+                and _equal(labels_a.sort().values, labels_b.sort().values)):
+            return False
+        rows_a = torch.cat([scores_a[:, None].to(boxes_a), boxes_a, labels_a[:, None].to(boxes_a)], 1)
+        rows_b = torch.cat([scores_b[:, None].to(boxes_b), boxes_b, labels_b[:, None].to(boxes_b)], 1)
+        if not _same_rows_in_any_order(rows_a, rows_b):
             return False
     return True
 

@@ -139,16 +139,12 @@ std::vector<AnchorLevel> check_grid_anchors_inputs(const at::Tensor& cell_anchor
   return layout;
 }
 
-namespace {
-
 void check_weights(at::ArrayRef<double> weights) {
   TORCH_CHECK_VALUE(weights.size() == 4, "weights must hold 4 numbers (wx, wy, ww, wh), got ", weights.size());
   for (double w : weights) {
     TORCH_CHECK_VALUE(std::isfinite(w) && w > 0, "weights must be finite and > 0, got ", weights);
   }
 }
-
-}  // namespace
 
 void check_decode_inputs(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights,
                          double bbox_xform_clip) {

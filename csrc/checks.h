@@ -31,6 +31,8 @@ void check_batched_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores,
 std::vector<AnchorLevel> check_grid_anchors_inputs(const at::Tensor& cell_anchors, at::IntArrayRef cells_per_level,
                                                    at::IntArrayRef grid_sizes, at::IntArrayRef strides,
                                                    int64_t num_images, int64_t& total_anchors);
+// Box coder weights: 4 finite numbers > 0.
+void check_weights(at::ArrayRef<double> weights);
 void check_decode_inputs(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights,
                          double bbox_xform_clip);
 void check_encode_inputs(const at::Tensor& reference_boxes, const at::Tensor& proposals,

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 #include "checks.h"
 #include "proposals_checks.h"
@@ -42,12 +43,64 @@ void check_float(const at::Tensor& t, const char* name) {
                    t.scalar_type());
 }
 
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& objectness) {
-  TORCH_CHECK(t.device() == objectness.device(), name, " must be on the same device as objectness (",
-              objectness.device(), "), got ", t.device());
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& input, const char* input_name) {
+  TORCH_CHECK(t.device() == input.device(), name, " must be on the same device as ", input_name, " (",
+              input.device(), "), got ", t.device());
 }
 
 }  // namespace
+
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> check_image_sizes(at::IntArrayRef image_sizes) {
+  TORCH_CHECK_VALUE(image_sizes.size() % 2 == 0, "image_sizes must hold (height, width) per image, got ",
+                    image_sizes.size(), " values");
+  std::vector<int64_t> heights, widths;
+  for (size_t b = 0; b < image_sizes.size() / 2; ++b) {
+    const int64_t height = image_sizes[2 * b], width = image_sizes[2 * b + 1];
+    TORCH_CHECK_VALUE(height >= 0 && width >= 0, "image_sizes[", b, "] must be a non-negative (height, width), got (",
+                      height, ", ", width, ")");
+    heights.push_back(height);
+    widths.push_back(width);
+  }
+  return {heights, widths};
+}
+
+std::vector<AnchorLevel> check_anchor_source(at::TensorList anchors, const std::optional<at::Tensor>& cell_anchors,
+                                             at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
+                                             at::IntArrayRef strides, at::IntArrayRef num_anchors_per_level,
+                                             int64_t images, const at::Tensor& input, const char* input_name) {
+  int64_t total = 0;
+  for (const int64_t count : num_anchors_per_level) total += count;
+  std::vector<AnchorLevel> grid;  // with no specification: none
+  if (cell_anchors.has_value()) {
+    TORCH_CHECK_VALUE(anchors.empty(), "pass either anchors or an anchor specification (cell_anchors), not both");
+    check_device(*cell_anchors, "cell_anchors", input, input_name);
+    int64_t grid_total = 0;
+    grid = check_grid_anchors_inputs(*cell_anchors, cells_per_level, grid_sizes, strides, 1, grid_total);
+    TORCH_CHECK_VALUE(grid.size() == num_anchors_per_level.size(), "the anchor specification has ",
+                      grid.size(), " levels but num_anchors_per_level has ", num_anchors_per_level.size());
+    for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
+      const int64_t level_anchors = grid_sizes[2 * l] * grid_sizes[2 * l + 1] * cells_per_level[l];
+      TORCH_CHECK_VALUE(level_anchors == num_anchors_per_level[l], "level ", l, " of the anchor specification has ",
+                        level_anchors, " anchors but num_anchors_per_level[", l, "] is ", num_anchors_per_level[l]);
+    }
+  } else {
+    TORCH_CHECK_VALUE(anchors.size() == 1 || static_cast<int64_t>(anchors.size()) == images,
+                      "anchors must be one [A, 4] tensor for all images or one per image (", images, "), got ",
+                      anchors.size(), " tensors");
+    for (size_t b = 0; b < anchors.size(); ++b) {
+      const std::string name = "anchors[" + std::to_string(b) + "]";
+      TORCH_CHECK(anchors[b].dim() == 2 && anchors[b].size(0) == total && anchors[b].size(1) == 4, name,
+                  " must have shape [A, 4] with A = ", total, " (sum of num_anchors_per_level), got ",
+                  anchors[b].sizes());
+      check_float(anchors[b], name.c_str());
+      check_device(anchors[b], name.c_str(), input, input_name);
+      TORCH_CHECK_TYPE(anchors[b].scalar_type() == anchors[0].scalar_type(),
+                       "all anchors must have one dtype, got ", anchors[0].scalar_type(), " and ",
+                       anchors[b].scalar_type());
+    }
+  }
+  return grid;
+}
 
 ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Tensor& pred_bbox_deltas,
                                      at::TensorList anchors, at::IntArrayRef image_sizes,
@@ -57,17 +110,9 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
                                      at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
                                      at::IntArrayRef strides) {
   ProposalLayout layout;
-  TORCH_CHECK_VALUE(image_sizes.size() % 2 == 0, "image_sizes must hold (height, width) per image, got ",
-                    image_sizes.size(), " values");
-  layout.images = static_cast<int64_t>(image_sizes.size()) / 2;
+  std::tie(layout.heights, layout.widths) = check_image_sizes(image_sizes);
+  layout.images = static_cast<int64_t>(layout.heights.size());
   const int64_t images = layout.images;
-  for (int64_t b = 0; b < images; ++b) {
-    const int64_t height = image_sizes[2 * b], width = image_sizes[2 * b + 1];
-    TORCH_CHECK_VALUE(height >= 0 && width >= 0, "image_sizes[", b, "] must be a non-negative (height, width), got (",
-                      height, ", ", width, ")");
-    layout.heights.push_back(height);
-    layout.widths.push_back(width);
-  }
   TORCH_CHECK_VALUE(!num_anchors_per_level.empty(), "num_anchors_per_level must hold at least one level");
   for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
     const int64_t count = num_anchors_per_level[l];
@@ -96,7 +141,7 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
               " images (image_sizes) and A = ", total, " anchors per image (sum of num_anchors_per_level), got ",
               objectness.sizes());
   check_float(pred_bbox_deltas, "pred_bbox_deltas");
-  check_device(pred_bbox_deltas, "pred_bbox_deltas", objectness);
+  check_device(pred_bbox_deltas, "pred_bbox_deltas", objectness, "objectness");
   const bool deltas_flat = pred_bbox_deltas.dim() == 2 && pred_bbox_deltas.size(0) == images * total;
   const bool deltas_per_image = pred_bbox_deltas.dim() == 3 && pred_bbox_deltas.size(0) == images &&
                                 pred_bbox_deltas.size(1) == total;
@@ -104,34 +149,8 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
               "pred_bbox_deltas must have shape [B * A, 4] or [B, A, 4] with B = ", images, " and A = ", total,
               ", got ", pred_bbox_deltas.sizes());
 
-  if (cell_anchors.has_value()) {
-    TORCH_CHECK_VALUE(anchors.empty(), "pass either anchors or an anchor specification (cell_anchors), not both");
-    check_device(*cell_anchors, "cell_anchors", objectness);
-    int64_t grid_total = 0;
-    layout.anchor_grid = check_grid_anchors_inputs(*cell_anchors, cells_per_level, grid_sizes, strides, 1, grid_total);
-    TORCH_CHECK_VALUE(layout.anchor_grid.size() == num_anchors_per_level.size(), "the anchor specification has ",
-                      layout.anchor_grid.size(), " levels but num_anchors_per_level has ", num_anchors_per_level.size());
-    for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
-      const int64_t level_anchors = grid_sizes[2 * l] * grid_sizes[2 * l + 1] * cells_per_level[l];
-      TORCH_CHECK_VALUE(level_anchors == num_anchors_per_level[l], "level ", l, " of the anchor specification has ",
-                        level_anchors, " anchors but num_anchors_per_level[", l, "] is ", num_anchors_per_level[l]);
-    }
-  } else {
-    TORCH_CHECK_VALUE(anchors.size() == 1 || static_cast<int64_t>(anchors.size()) == images,
-                      "anchors must be one [A, 4] tensor for all images or one per image (", images, "), got ",
-                      anchors.size(), " tensors");
-    for (size_t b = 0; b < anchors.size(); ++b) {
-      const std::string name = "anchors[" + std::to_string(b) + "]";
-      TORCH_CHECK(anchors[b].dim() == 2 && anchors[b].size(0) == total && anchors[b].size(1) == 4, name,
-                  " must have shape [A, 4] with A = ", total, " (sum of num_anchors_per_level), got ",
-                  anchors[b].sizes());
-      check_float(anchors[b], name.c_str());
-      check_device(anchors[b], name.c_str(), objectness);
-      TORCH_CHECK_TYPE(anchors[b].scalar_type() == anchors[0].scalar_type(),
-                       "all anchors must have one dtype, got ", anchors[0].scalar_type(), " and ",
-                       anchors[b].scalar_type());
-    }
-  }
+  layout.anchor_grid = check_anchor_source(anchors, cell_anchors, cells_per_level, grid_sizes, strides,
+                                           num_anchors_per_level, images, objectness, "objectness");
   return layout;
 }
 

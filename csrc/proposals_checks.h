@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "box_coding.h"
@@ -34,6 +35,17 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
                                      double min_size, const std::optional<at::Tensor>& cell_anchors,
                                      at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
                                      at::IntArrayRef strides);
+
+// image_sizes as (height, width) pairs: the heights and the widths, each >= 0.
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> check_image_sizes(at::IntArrayRef image_sizes);
+
+// Where the anchors of `images` images come from, checked against num_anchors_per_level (A per image in all):
+// one [A, 4] tensor for all images, one per image, or no tensor and the specification (cell_anchors ... strides,
+// as grid_anchors takes it), whose levels are returned (else none). Everything on `input`'s device.
+std::vector<AnchorLevel> check_anchor_source(at::TensorList anchors, const std::optional<at::Tensor>& cell_anchors,
+                                             at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
+                                             at::IntArrayRef strides, at::IntArrayRef num_anchors_per_level,
+                                             int64_t images, const at::Tensor& input, const char* input_name);
 
 // The dtype of the proposals: decode's output dtype for the deltas' dtype (coding_output_type).
 at::ScalarType proposal_box_type(const at::Tensor& pred_bbox_deltas, bool float32_exp);

@@ -126,6 +126,16 @@ def _proposal_args(
         if _portable.exporting_to_onnx():
             raise RuntimeError("generate_proposals has no ONNX form; a model patched by rpn_ops.patch_torchvision "
                                "exports its proposals in torchvision's steps")
+    anchor_list, table, cells_per_level, grid_sizes, strides = _anchor_args(anchors)
+    return (objectness.detach(), pred_bbox_deltas.detach(), anchor_list,
+            _flat([[size[0], size[1]] for size in image_sizes]), num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
+            nms_thresh, score_thresh, min_size, table, cells_per_level, grid_sizes, strides)
+
+
+def _anchor_args(anchors: Union[Tensor, List[Tensor], AnchorGrid]
+                 ) -> Tuple[List[Tensor], Optional[Tensor], List[int], List[int], List[int]]:
+    """The operators' anchor arguments: the anchor tensors (none for an AnchorGrid), and the grid's cell anchor
+    table, cells per level, grid sizes and strides (None and empty lists for tensors)."""
     table: Optional[Tensor] = None
     cells_per_level: List[int] = []
     grid_sizes: List[int] = []
@@ -140,14 +150,13 @@ def _proposal_args(
         anchor_list = []
     else:
         anchor_list = anchors
-    return (objectness.detach(), pred_bbox_deltas.detach(), [a.detach() for a in anchor_list],
-            _flat([[size[0], size[1]] for size in image_sizes]), num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
-            nms_thresh, score_thresh, min_size, table, cells_per_level, grid_sizes, strides)
+    return [a.detach() for a in anchor_list], table, cells_per_level, grid_sizes, strides
 
 
-def _checked_anchors(objectness, pred_bbox_deltas, anchors):
+def _checked_anchors(objectness, pred_bbox_deltas, anchors, op: str = "generate_proposals",
+                     names=("objectness", "pred_bbox_deltas")):
     """``anchors`` as a tensor, a list of tensors or an AnchorGrid of lists; raises for anything else."""
-    for tensor, name in ((objectness, "objectness"), (pred_bbox_deltas, "pred_bbox_deltas")):
+    for tensor, name in zip((objectness, pred_bbox_deltas), names):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if isinstance(anchors, AnchorGrid):
@@ -168,6 +177,6 @@ def _checked_anchors(objectness, pred_bbox_deltas, anchors):
     else:
         raise TypeError(f"anchors must be a tensor, a list of tensors or an AnchorGrid, got {type(anchors).__name__}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise ValueError("generate_proposals does not propagate gradients to the anchors (torchvision's decode "
-                         "does); detach them, or decode with rpn_ops.decode_boxes")
+        raise ValueError(f"{op} does not propagate gradients to the anchors (torchvision's decode does); detach "
+                         "them, or decode with rpn_ops.decode_boxes")
     return anchors

@@ -190,3 +190,51 @@ def generate_proposals(objectness: Tensor, pred_bbox_deltas: Tensor, anchors: Li
         final_boxes.append(kept_boxes[order])
         final_scores.append(kept_scores[order])
     return final_boxes, final_scores
+
+
+def dense_detections(class_logits: Tensor, box_regression: Tensor, anchors: List[Tensor], image_sizes,
+                     num_anchors_per_level: List[int], score_thresh: float, topk_candidates: int, nms_thresh: float,
+                     detections_per_img: int, weights=(1.0, 1.0, 1.0, 1.0),
+                     bbox_xform_clip: float = math.log(1000.0 / 16), activation: str = "sigmoid",
+                     topk_per: str = "level", sigmoid=torch.sigmoid, decode=None):
+    """torchvision's one-stage postprocess_detections (RetinaNet: sigmoid, top-k per level; SSD: softmax with class
+    0 the background, top-k per class) step by step, with ties made deterministic: each group's top-k by a stable
+    descending sort of its candidates in position order, NMS by a stable descending sort of all candidates.
+    anchors: one [A, 4] tensor per image. `sigmoid` computes the scores of one image's level (torchvision calls
+    torch.sigmoid per image and level, and the CPU's bits depend on where an element sits in the tensor);
+    `decode(rel_codes, boxes, weights, bbox_xform_clip)` is decode_boxes unless given.
+    Returns per image the boxes [K, 4], scores [K] and int64 labels [K], by descending score."""
+    decode = decode_boxes if decode is None else decode
+    first_class = 1 if activation == "softmax" else 0  # softmax's class 0 is the background
+    starts = [sum(num_anchors_per_level[:level]) for level in range(len(num_anchors_per_level))]
+    all_boxes, all_scores, all_labels = [], [], []
+    for b, (height, width) in enumerate(image_sizes):
+        logits = class_logits[b].detach()
+        if activation == "softmax":
+            scores = torch.softmax(logits, dim=-1)
+        else:
+            scores = torch.cat([sigmoid(logits[start:start + count].contiguous())
+                                for start, count in zip(starts, num_anchors_per_level)])
+        passing = scores > score_thresh
+        passing[:, :first_class] = False
+        if topk_per == "level":  # positions: anchor * C + class within the level, the order of nonzero's rows
+            groups = [torch.nonzero(passing[start:start + count]) + torch.tensor([start, 0], device=scores.device)
+                      for start, count in zip(starts, num_anchors_per_level)]
+        else:  # positions: the anchor, per class in ascending order
+            groups = [torch.nonzero(passing[:, c:c + 1]) + torch.tensor([0, c], device=scores.device)
+                      for c in range(first_class, scores.shape[1])]
+        chosen = [torch.zeros(0, 2, dtype=torch.int64, device=scores.device)]
+        for group in groups:
+            order = torch.sort(scores[group[:, 0], group[:, 1]], descending=True, stable=True).indices
+            chosen.append(group[order[:topk_candidates]])
+        anchor_index, labels = torch.cat(chosen).unbind(1)
+        candidate_scores = scores[anchor_index, labels]
+        boxes = decode(box_regression[b].detach()[anchor_index], anchors[b][anchor_index], weights, bbox_xform_clip)
+        clipped_x = boxes[:, 0::2].clamp(min=0, max=width)  # torchvision's clip_boxes_to_image
+        clipped_y = boxes[:, 1::2].clamp(min=0, max=height)
+        boxes = torch.stack((clipped_x, clipped_y), dim=2).reshape(boxes.shape)
+        keep = batched_nms(boxes, candidate_scores, labels, nms_thresh, detections_per_img)
+        all_boxes.append(boxes[keep])
+        all_scores.append(candidate_scores[keep])
+        all_labels.append(labels[keep])
+    return all_boxes, all_scores, all_labels

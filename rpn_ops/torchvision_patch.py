@@ -27,6 +27,7 @@ from torchvision.models.detection.roi_heads import RoIHeads as TorchvisionRoIHea
 from . import _portable
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
+from .detections import dense_detections
 from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors, match_fcos
 from .ops import batched_nms, box_iou, nms, score_candidates
 from .proposals import proposal_lists
@@ -84,6 +85,40 @@ def _class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, nms_thresh: float,
     if torchvision_tie_order:
         return _batched_nms_in_torchvision_order(boxes, scores, labels, nms_thresh)[:detections_per_img]
     return batched_nms(boxes, scores, labels, nms_thresh, detections_per_img)
+
+
+def _joined(parts: List[Tensor], dim: int) -> Tensor:
+    """``torch.cat(parts, dim)``, without a copy where the parts are consecutive views of one tensor, as the
+    detection heads' split by level leaves them."""
+    first = parts[0]
+    size = list(first.shape)
+    size[dim] = sum(part.shape[dim] for part in parts)
+    offset = first.storage_offset()
+    for part in parts:
+        if (part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or part.stride() != first.stride()
+                or part.storage_offset() != offset or part.dtype != first.dtype):
+            return torch.cat(parts, dim)
+        offset += part.shape[dim] * first.stride(dim)
+    return first.as_strided(size, first.stride(), first.storage_offset())
+
+
+def _fused_detections(model: nn.Module, class_logits: Tensor, box_regression: Tensor, anchors: List[Tensor],
+                      num_anchors_per_level: List[int], image_shapes: List[Tuple[int, int]], activation: str,
+                      topk_per: str) -> List[Dict[str, Tensor]]:
+    """A one-stage model's detections from one :func:`rpn_ops.dense_detections` call with its settings."""
+    boxes, scores, labels = dense_detections(
+        class_logits, box_regression, anchors, image_shapes, num_anchors_per_level, model.score_thresh,
+        model.topk_candidates, model.nms_thresh, model.detections_per_img, model.box_coder.weights,
+        model.box_coder.bbox_xform_clip, activation, topk_per)
+    return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+
+
+def _fusable(model: nn.Module) -> bool:
+    """Whether the model's detections may come from rpn_ops.dense_detections: its fast form asked for
+    (``torchvision_tie_order`` False), eager or compiled (not traced or exported: the op's outputs have data-dependent
+    sizes), and a box coder it computes."""
+    return (not model.torchvision_tie_order and isinstance(model.box_coder, _BOX_CODERS)
+            and not torch.jit.is_tracing() and not _portable.exporting_to_onnx())
 
 
 def _selected_levels(top_n_idx: Tensor, num_anchors_per_level: List[int]) -> Tensor:
@@ -354,9 +389,13 @@ class RetinaNet(tv_retinanet.RetinaNet):
                                image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         """torchvision's steps per image and level (sigmoid scores above ``score_thresh``, the best
         ``topk_candidates``, decode of those, clip), then per-class NMS and the best ``detections_per_img``,
-        with rpn_ops' decode and NMS."""
+        with rpn_ops' decode and NMS; with ``torchvision_tie_order`` False, one :func:`rpn_ops.dense_detections`
+        call."""
         class_logits = head_outputs["cls_logits"]
         box_regression = head_outputs["bbox_regression"]
+        if not torch.jit.is_scripting():
+            if _fusable(self):
+                return self._dense_detections(class_logits, box_regression, anchors, image_shapes)
         detections: List[Dict[str, Tensor]] = []
         for index in range(len(image_shapes)):
             image_boxes: List[Tensor] = []
@@ -380,6 +419,14 @@ class RetinaNet(tv_retinanet.RetinaNet):
                               self.torchvision_tie_order)
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
+
+    @torch.jit.unused
+    def _dense_detections(self, class_logits: List[Tensor], box_regression: List[Tensor],
+                          anchors: List[List[Tensor]], image_shapes: List[Tuple[int, int]]
+                          ) -> List[Dict[str, Tensor]]:
+        per_level = [level.shape[1] for level in class_logits]
+        return _fused_detections(self, _joined(class_logits, 1), _joined(box_regression, 1),
+                                 [_joined(a, 0) for a in anchors], per_level, image_shapes, "sigmoid", "level")
 
 
 def _class_candidates(boxes: Tensor, scores: Tensor, score_thresh: float, topk_candidates: int
@@ -514,8 +561,12 @@ class SSD(tv_ssd.SSD):
                                image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         """torchvision's steps per image (softmax scores, decode and clip, per class the scores above
         ``score_thresh`` and their best ``topk_candidates``, per-class NMS, the best ``detections_per_img``), with
-        rpn_ops' decode and NMS and the candidates of :func:`_class_candidates`."""
+        rpn_ops' decode and NMS and the candidates of :func:`_class_candidates`; with ``torchvision_tie_order``
+        False, one :func:`rpn_ops.dense_detections` call."""
         bbox_regression = head_outputs["bbox_regression"]
+        if not torch.jit.is_scripting():
+            if _fusable(self):
+                return self._dense_detections(head_outputs, image_anchors, image_shapes)
         pred_scores = F.softmax(head_outputs["cls_logits"], dim=-1)
         detections: List[Dict[str, Tensor]] = []
         for boxes, scores, anchors, image_shape in zip(bbox_regression, pred_scores, image_anchors, image_shapes):
@@ -525,6 +576,13 @@ class SSD(tv_ssd.SSD):
                               self.torchvision_tie_order)
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
+
+    @torch.jit.unused
+    def _dense_detections(self, head_outputs: Dict[str, Tensor], image_anchors: List[Tensor],
+                          image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        class_logits = head_outputs["cls_logits"]
+        return _fused_detections(self, class_logits, head_outputs["bbox_regression"], image_anchors,
+                                 [class_logits.shape[1]], image_shapes, "softmax", "class")
 
 
 class FCOS(tv_fcos.FCOS):

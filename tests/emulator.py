@@ -42,6 +42,8 @@ SMALL_SIZINGS = {
     "matching.cu:kMaxImagesPerGrid": 2,
     "proposals.cu:kImagesPerLaunch": 2,
     "proposals.cu:kSegmentsPerLaunch": 3,
+    "detections.cu:kImagesPerLaunch": 2,
+    "detections.cu:kImagesPerMaskLaunch": 2,
 }
 
 
@@ -227,8 +229,48 @@ def _cuda_sigmoid(func, x):
     return x.copy_(scores) if func is torch.ops.aten.sigmoid_.default else scores
 
 
+def cuda_decode(rel_codes, boxes, weights, bbox_xform_clip):
+    """decode_boxes as its CUDA kernel computes it (see _cpu_twin_call)."""
+    return torch.ops.rpn_ops.decode_boxes(*_cpu_twin_call(torch.ops.rpn_ops.decode_boxes.default,
+                                                          (rel_codes, boxes, list(weights), bbox_xform_clip), {})[0])
+
+
+def cuda_dense_detections(class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh,
+                          topk_candidates, nms_thresh, detections_per_img, weights, bbox_xform_clip, activation,
+                          topk_per, cell_anchors=None, cells_per_level=(), grid_sizes=(), strides=()):
+    """dense_detections as its CUDA kernel computes it: each sigmoid alone and decode's division by the reciprocal,
+    as PyTorch's CUDA kernels do (the CPU kernel gives torch.sigmoid's CPU bits, and divides); the padded outputs of
+    rpn_ops.reference.dense_detections with those steps. Called once the CPU kernel accepted the inputs."""
+    from rpn_ops import reference
+
+    images = len(image_sizes) // 2
+    if cell_anchors is not None:
+        cells = list(cell_anchors.split(list(cells_per_level)))
+        anchors = [reference.grid_anchors(cells, list(zip(grid_sizes[::2], grid_sizes[1::2])),
+                                          list(zip(strides[::2], strides[1::2])))]
+    anchor_list = [anchors[0 if len(anchors) == 1 else b] for b in range(images)]
+    boxes, scores, labels = reference.dense_detections(
+        class_logits, box_regression, anchor_list, list(zip(image_sizes[::2], image_sizes[1::2])),
+        list(num_anchors_per_level), score_thresh, topk_candidates, nms_thresh, detections_per_img, weights,
+        bbox_xform_clip, activation, topk_per, sigmoid=lambda x: _cuda_sigmoid(torch.ops.aten.sigmoid.default, x),
+        decode=cuda_decode)
+    padded = torch.ops.rpn_ops.dense_detections(class_logits, box_regression, anchors, image_sizes,
+                                                num_anchors_per_level, score_thresh, 0, nms_thresh,
+                                                detections_per_img, weights, bbox_xform_clip, activation, topk_per)
+    out_boxes, out_scores, out_labels, counts = (t.clone() for t in padded)  # zeros of the right dtypes and shapes
+    for b in range(images):
+        count = len(scores[b])
+        out_boxes[b, :count], out_scores[b, :count], out_labels[b, :count] = boxes[b], scores[b], labels[b]
+        counts[b] = count
+    return out_boxes, out_scores, out_labels, counts
+
+
 def _cpu_twin(func, args, kwargs):
     """What computes the CUDA kernel's answer on the CPU: the CPU kernel, except where the two differ by design."""
+    if func._schema.name.endswith("::dense_detections"):
+        _, error = _call(func, args, kwargs)
+        if error is None:
+            return cuda_dense_detections, args, kwargs
     if func._schema.name.endswith("::score_candidates"):
         logits, score_thresh = args
         threshold = torch.tensor(score_thresh, dtype=logits.dtype).item() if logits.is_floating_point() else 0.0

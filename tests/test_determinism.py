@@ -23,6 +23,10 @@ def every_op(seed, device="cpu", small=False):
     anchors = rpn_ops.AnchorGenerator(workloads.FPN_SIZES, workloads.FPN_ASPECT_RATIOS)(images, features)
     codes = workloads.box_deltas(len(anchors[0]), 2, seed=seed, device=device)
     targets_for = gt[torch.arange(len(anchors[0]), device=device) % len(gt)]
+    num_anchors_per_level = [f.shape[-2] * f.shape[-1] * 3 for f in features]
+    class_logits = workloads.box_deltas(2 * len(anchors[0]), 5, seed=seed, scale=3.0, device=device).view(2, -1, 20)
+    detections = rpn_ops.dense_detections(class_logits - 3.0, codes[:, :4].expand(2, -1, -1), anchors,
+                                          images.image_sizes, num_anchors_per_level, padded=True)
     return {
         "nms": rpn_ops.nms(boxes, scores, 0.7),
         "nms top": rpn_ops.nms(boxes, scores, 0.5, max_output=300),
@@ -37,7 +41,8 @@ def every_op(seed, device="cpu", small=False):
             anchors, [gt, gt[:0]]))},
         **{f"proposals {i}": torch.cat(outputs) for i, outputs in enumerate(rpn_ops.generate_proposals(
             workloads.box_deltas(2 * len(anchors[0]), 1, seed=seed, device=device)[:, :1], codes.reshape(-1, 4),
-            anchors, images.image_sizes, [f.shape[-2] * f.shape[-1] * 3 for f in features], 500, 300))},
+            anchors, images.image_sizes, num_anchors_per_level, 500, 300))},
+        **{f"dense_detections {i}": output for i, output in enumerate(detections)},
     }
 
 

@@ -140,6 +140,11 @@ def every_op_once():
                                50, 40)
     logits = torch.randn(len(anchors[0]), 5, generator=torch.Generator().manual_seed(5)) * 2 - 3
     rpn_ops.score_candidates(logits, 0.05)
+    class_logits, box_regression = logits.expand(2, -1, -1), deltas.view(2, -1, 4)
+    rpn_ops.dense_detections(class_logits, box_regression, anchors, images.image_sizes, num_anchors_per_level,
+                             topk_candidates=30, detections_per_img=20)
+    rpn_ops.dense_detections(class_logits.double(), box_regression.double(), grid, images.image_sizes,
+                             num_anchors_per_level, padded=True, activation="softmax", topk_per="class")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -60,17 +60,16 @@ def test_detections_are_torchvisions_to_the_bit(device, version, peaked):
     assert_equal_detections(expected, got)
 
 
-@pytest.mark.parametrize("peaked", [False, True])
-def test_the_fused_nms_form_gives_the_same_detections_up_to_the_order_of_ties(device, peaked):
-    """Equal scores come in index order; with ties at the ``detections_per_img`` cut, which of them make it
-    may differ, so the peaked case keeps every detection."""
-    model, patched = _pair("v1", device, peaked=peaked, torchvision_tie_order=False)
-    if peaked:
-        model.detections_per_img = patched.detections_per_img = 100_000
+def test_the_fused_form_gives_the_same_detections_up_to_the_order_of_ties(device):
+    """rpn_ops.dense_detections, on a random model's distinct scores. Where overlapping boxes tie (peaked logits),
+    greedy NMS keeps what the order of its visits decides, which torchvision leaves to torch.topk: there
+    tests/test_dense_detections.py checks the op's own order of ties against the reference."""
+    model, patched = _pair("v1", device, torchvision_tie_order=False)
     images = _images(device, sizes=((160, 220),))
     with torch.no_grad():
         with torchvision_on_the_device():
             expected = model(images)
+        assert sum(len(d["scores"]) for d in expected) > 100
         assert_same_detections_up_to_ties(expected, patched(images))
 
 

@@ -20,30 +20,14 @@
 #include "../dispatch.h"
 #include "../proposals_checks.h"
 #include "launch.cuh"
+#include "postprocess.cuh"
 
 namespace rpn_ops::cuda {
 namespace {
 
-constexpr int kBlockBits = 64;
-constexpr int kMaxLevels = 16;
-constexpr int kMaxImagesPerLaunch = 256;  // image sizes travel as kernel arguments
 RPN_OPS_SIZING(kImagesPerLaunch, kMaxImagesPerLaunch);
 RPN_OPS_SIZING(kSegmentsPerLaunch, 65535);  // (image, level) segments per segment_mask_kernel launch: grid.z
 constexpr int64_t kIndexBits = 31;
-
-// The levels' layout as a kernel argument (no host-to-device copy, so graph capture works).
-struct Levels {
-  int count;
-  int64_t selected_per_image;  // K
-  int64_t first_selected[kMaxLevels], selected[kMaxLevels];
-  int64_t mask_offset[kMaxLevels], col_blocks[kMaxLevels];
-  int64_t mask_per_image;
-};
-
-struct ImageSizes {
-  int64_t first_image, images;
-  int32_t height[kMaxImagesPerLaunch], width[kMaxImagesPerLaunch];
-};
 
 // (descending_key << 31) | index: ascending order is descending logit, then ascending index.
 template <typename L>
@@ -54,13 +38,6 @@ __global__ void rank_keys_kernel(const L* __restrict__ logits, int64_t images, i
   const int64_t b = i / count, j = i - b * count;
   const uint32_t key = descending_key(static_cast<float>(logits[b * total + first + j]));
   keys[i] = static_cast<int64_t>(key) << kIndexBits | j;
-}
-
-// Tensor.clamp(min=0, max=hi): NaN stays NaN.
-template <typename S>
-__device__ S clamp_to(S v, S hi) {
-  v = v < S(0) ? S(0) : v;
-  return v > hi ? hi : v;
 }
 
 // Clips each selected box to its image and flags the boxes that pass the size and score filters.
@@ -80,79 +57,6 @@ __global__ void clip_filter_kernel(S* __restrict__ boxes, const O* __restrict__ 
   using A = opmath_t<S>;
   valid[row] = static_cast<A>(w) >= static_cast<A>(min_size) && static_cast<A>(h) >= static_cast<A>(min_size) &&
                static_cast<opmath_t<O>>(scores[row]) >= static_cast<opmath_t<O>>(score_thresh);
-}
-
-// The 64 boxes of a column block, in shared memory.
-template <typename C>
-struct SegmentColumns {
-  C x1[kBlockBits], y1[kBlockBits], x2[kBlockBits], y2[kBlockBits], area[kBlockBits];
-};
-
-// Block (col_block, row_block) of segment (image, level) = first_segment + blockIdx.z: bit j of mask word
-// (row, col_block) says that box `row` suppresses box 64 * col_block + j, for col_block >= row_block. Boxes are in
-// rank order.
-template <typename C>
-__global__ void segment_mask_kernel(const C* __restrict__ boxes, Levels levels, C threshold, int64_t first_segment,
-                                    uint64_t* __restrict__ mask) {
-  const int64_t segment_index = first_segment + blockIdx.z;
-  const int64_t image = segment_index / levels.count;
-  const int level = static_cast<int>(segment_index % levels.count);
-  const int64_t count = levels.selected[level], col_blocks = levels.col_blocks[level];
-  const int64_t row_block = blockIdx.y, col_block = blockIdx.x;
-  if (col_block >= col_blocks || row_block >= col_blocks || col_block < row_block) return;
-  const C* segment = boxes + 4 * (image * levels.selected_per_image + levels.first_selected[level]);
-
-  SegmentColumns<C>& col = block_shared<SegmentColumns<C>>();
-  const int columns = static_cast<int>(std::min<int64_t>(kBlockBits, count - col_block * kBlockBits));
-  const int lane = static_cast<int>(threadIdx.x);
-  if (lane < columns) {
-    const C* b = segment + 4 * (col_block * kBlockBits + lane);
-    col.x1[lane] = b[0], col.y1[lane] = b[1], col.x2[lane] = b[2], col.y2[lane] = b[3];
-    col.area[lane] = area_of(b[0], b[1], b[2], b[3]);
-  }
-  __syncthreads();
-  const int64_t row = row_block * kBlockBits + lane;
-  if (row >= count) return;
-  const C* a = segment + 4 * row;
-  const C area_a = area_of(a[0], a[1], a[2], a[3]);
-  uint64_t bits = 0;
-  for (int j = col_block == row_block ? lane + 1 : 0; j < columns; ++j) {
-    if (iou_of(a[0], a[1], a[2], a[3], area_a, col.x1[j], col.y1[j], col.x2[j], col.y2[j], col.area[j]) > threshold) {
-      bits |= uint64_t{1} << j;
-    }
-  }
-  mask[image * levels.mask_per_image + levels.mask_offset[level] + row * col_blocks + col_block] = bits;
-}
-
-// One block per segment walks its rows in rank order (the boxes failing a filter start removed) and records
-// the kept rows, at most `limit`. Every thread reads the same shared words, so all take the same branches.
-__global__ void segment_walk_kernel(const uint64_t* __restrict__ mask, const bool* __restrict__ valid, Levels levels,
-                                    int64_t limit, int64_t* __restrict__ kept, int64_t* __restrict__ kept_count) {
-  uint64_t* removed = dynamic_shared<uint64_t>();
-  const int64_t image = blockIdx.x / levels.count;
-  const int level = blockIdx.x % levels.count;
-  const int64_t count = levels.selected[level], col_blocks = levels.col_blocks[level];
-  const int64_t first = image * levels.selected_per_image + levels.first_selected[level];
-  for (int64_t w = threadIdx.x; w < col_blocks; w += blockDim.x) {
-    uint64_t word = 0;
-    for (int j = 0; j < kBlockBits && w * kBlockBits + j < count; ++j) {
-      if (!valid[first + w * kBlockBits + j]) word |= uint64_t{1} << j;
-    }
-    removed[w] = word;
-  }
-  __syncthreads();
-  const uint64_t* segment_mask = mask + image * levels.mask_per_image + levels.mask_offset[level];
-  int64_t kept_here = 0;
-  for (int64_t row = 0; row < count && kept_here < limit; ++row) {
-    if ((removed[row / kBlockBits] >> (row % kBlockBits)) & 1) continue;
-    if (threadIdx.x == 0) kept[blockIdx.x * limit + kept_here] = row;
-    ++kept_here;
-    for (int64_t w = row / kBlockBits + threadIdx.x; w < col_blocks; w += blockDim.x) {
-      removed[w] |= segment_mask[row * col_blocks + w];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) kept_count[blockIdx.x] = kept_here;
 }
 
 // Each kept box's output position: its place in its level plus, in every other level, the kept boxes ranked
@@ -323,15 +227,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
     const dim3 mask_grid(static_cast<unsigned>(max_col_blocks), static_cast<unsigned>(max_col_blocks),
                          static_cast<unsigned>(std::min<int64_t>(kSegmentsPerLaunch, segments - first)));
     if (nms_type == at::kDouble) {
-      launch<segment_mask_kernel<double>>(mask_grid, kBlockBits, 0, nms_boxes.data_ptr<double>(), levels, nms_thresh,
-                                          first, mask_words_ptr);
+      launch<segment_mask_kernel<double>>(mask_grid, kBlockBits, 0, nms_boxes.data_ptr<double>(), nullptr, nullptr,
+                                          levels, nms_thresh, first, mask_words_ptr);
     } else {
-      launch<segment_mask_kernel<float>>(mask_grid, kBlockBits, 0, nms_boxes.data_ptr<float>(), levels,
-                                         threshold_for<float>(nms_thresh), first, mask_words_ptr);
+      launch<segment_mask_kernel<float>>(mask_grid, kBlockBits, 0, nms_boxes.data_ptr<float>(), nullptr, nullptr,
+                                         levels, threshold_for<float>(nms_thresh), first, mask_words_ptr);
     }
   }
   launch<segment_walk_kernel>(static_cast<unsigned>(segments), kThreads, max_col_blocks * 8,
-                              mask_words_ptr, valid.data_ptr<bool>(), levels, limit, kept.data_ptr<int64_t>(),
+                              mask_words_ptr, valid.data_ptr<bool>(), nullptr, levels, limit, kept.data_ptr<int64_t>(),
                               kept_count.data_ptr<int64_t>());
   visit_float_type(boxes.scalar_type(), [&](auto box_tag) {
     visit_float_type(scores.scalar_type(), [&](auto score_tag) {

@@ -1,0 +1,167 @@
+// dense_detections on the CPU (what it computes: ../detections.h), image by image:
+//  1. candidates: sigmoid scores above the threshold by score_candidates, level by level (its scan skips the logits
+//     that cannot pass and gives torch.sigmoid's bits for that level's tensor, as torchvision computes them); softmax
+//     scores by PyTorch's softmax, then one scan;
+//  2. each group's best topk_candidates by a partial sort (nth_element, then a sort of those kept);
+//  3. decode of the kept candidates only (the decode_boxes kernel), clip, then batched NMS that stops at
+//     detections_per_img.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../box_math.h"
+#include "../detections.h"
+#include "../dispatch.h"
+#include "nms.h"
+
+namespace rpn_ops::cpu {
+namespace {
+
+// A candidate of an image: `flat` = anchor * classes + class; `position` ranks equal scores within its group.
+struct Candidate {
+  double score;  // the score's value (exact for every floating dtype)
+  int64_t position, flat;
+};
+
+bool ranks_before(const Candidate& a, const Candidate& b) {
+  return a.score > b.score || (a.score == b.score && a.position < b.position);
+}
+
+// The group's best `limit` candidates, in rank order.
+void keep_best(std::vector<Candidate>& group, int64_t limit) {
+  if (static_cast<int64_t>(group.size()) > limit) {
+    std::nth_element(group.begin(), group.begin() + limit, group.end(), ranks_before);
+    group.resize(limit);
+  }
+  std::sort(group.begin(), group.end(), ranks_before);
+}
+
+std::tuple<at::Tensor, at::Tensor> level_candidates(const at::Tensor& logits, double score_thresh) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rpn_ops::score_candidates", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double)>();
+  return op.call(logits, score_thresh);
+}
+
+// One image's candidates by group (levels or classes), each in position order. `logits`: the image's [A, C]
+// class logits; `probabilities`: its softmax, for that activation.
+std::vector<std::vector<Candidate>> image_candidates(const at::Tensor& logits, const at::Tensor& probabilities,
+                                                     const DetectionLayout& layout, double score_thresh) {
+  const int64_t classes = layout.classes, first_class = layout.first_class();
+  std::vector<std::vector<Candidate>> groups(layout.groups());
+  auto add = [&](int64_t level, double score, int64_t flat) {
+    const int64_t anchor = flat / classes;
+    if (layout.per_class) {
+      groups[flat % classes - first_class].push_back({score, anchor, flat});
+    } else {
+      groups[level].push_back({score, flat - layout.first_anchor[level] * classes, flat});
+    }
+  };
+  for (int64_t l = 0; l < layout.levels(); ++l) {
+    const int64_t first_flat = layout.first_anchor[l] * classes;
+    if (layout.activation == Activation::kSigmoid) {
+      const at::Tensor level_logits = logits.narrow(0, layout.first_anchor[l], layout.level_anchors[l]);
+      const auto [scores, indices] = level_candidates(level_logits, score_thresh);
+      const at::Tensor values = scores.to(at::kDouble);
+      for (int64_t j = 0; j < indices.numel(); ++j) {
+        add(l, values.data_ptr<double>()[j], first_flat + indices.data_ptr<int64_t>()[j]);
+      }
+      continue;
+    }
+    visit_float_type(probabilities.scalar_type(), [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      using A = opmath_t<S>;
+      const S* p = probabilities.data_ptr<S>();
+      const A threshold = static_cast<A>(to<S>(score_thresh));  // compared in the scores' dtype, as torch does
+      for (int64_t flat = first_flat; flat < first_flat + layout.level_anchors[l] * classes; ++flat) {
+        if (flat % classes >= first_class && static_cast<A>(p[flat]) > threshold) {
+          add(l, static_cast<double>(static_cast<A>(p[flat])), flat);
+        }
+      }
+    });
+  }
+  return groups;
+}
+
+// The image's kept candidates' anchors [N, 4]: rows of its anchor table, or computed from the specification.
+at::Tensor candidate_anchors(at::TensorList anchors, const std::optional<at::Tensor>& cell_anchors, int64_t image,
+                             const at::Tensor& anchor_index, const DetectionLayout& layout) {
+  if (!cell_anchors.has_value()) return anchors[anchors.size() == 1 ? 0 : image].index_select(0, anchor_index);
+  const at::Tensor cells = cell_anchors->contiguous();
+  at::Tensor out = at::empty({anchor_index.numel(), 4}, cells.options());
+  visit_float_type(cells.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t* index = anchor_index.data_ptr<int64_t>();
+    for (int64_t j = 0; j < anchor_index.numel(); ++j) {
+      int64_t l = layout.levels() - 1;
+      while (index[j] < layout.first_anchor[l]) --l;
+      anchor_at(layout.anchor_grid[l], index[j], cells.data_ptr<T>(), out.data_ptr<T>() + 4 * j);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
+    const at::Tensor& class_logits, const at::Tensor& box_regression, at::TensorList anchors,
+    at::IntArrayRef image_sizes, at::IntArrayRef num_anchors_per_level, double score_thresh, int64_t topk_candidates,
+    double nms_thresh, int64_t detections_per_img, at::ArrayRef<double> weights, double bbox_xform_clip,
+    c10::string_view activation, c10::string_view topk_per, const std::optional<at::Tensor>& cell_anchors,
+    at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
+  const DetectionLayout layout = check_detection_inputs(
+      class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh, topk_candidates,
+      nms_thresh, detections_per_img, weights, bbox_xform_clip, activation, topk_per, cell_anchors, cells_per_level,
+      grid_sizes, strides);
+  auto [out_boxes, out_scores, out_labels, counts] = empty_detections(class_logits, box_regression, layout);
+  if (layout.detections == 0 || layout.anchors == 0 || layout.classes == 0) {
+    return {out_boxes, out_scores, out_labels, counts};
+  }
+  const at::Tensor logits = class_logits.contiguous();
+  // torchvision: F.softmax of each image's [A, C] logits; row by row, so the batch's softmax has the same bits.
+  const at::Tensor probabilities =
+      layout.activation == Activation::kSoftmax ? at::softmax(logits, -1) : at::Tensor();
+  const auto long_options = class_logits.options().dtype(at::kLong);
+  for (int64_t b = 0; b < layout.images; ++b) {
+    std::vector<std::vector<Candidate>> groups =
+        image_candidates(logits[b], probabilities.defined() ? probabilities[b] : at::Tensor(), layout, score_thresh);
+    std::vector<Candidate> kept;
+    for (int64_t g = 0; g < layout.groups(); ++g) {
+      keep_best(groups[g], layout.group_limit(g));
+      kept.insert(kept.end(), groups[g].begin(), groups[g].end());
+    }
+    const int64_t count = static_cast<int64_t>(kept.size());
+    if (count == 0) continue;
+    at::Tensor anchor_index = at::empty({count}, long_options), labels = at::empty({count}, long_options);
+    at::Tensor scores = at::empty({count}, class_logits.options().dtype(at::kDouble));
+    for (int64_t j = 0; j < count; ++j) {
+      anchor_index.data_ptr<int64_t>()[j] = kept[j].flat / layout.classes;
+      labels.data_ptr<int64_t>()[j] = kept[j].flat % layout.classes;
+      scores.data_ptr<double>()[j] = kept[j].score;
+    }
+    scores = scores.to(class_logits.scalar_type());
+    const at::Tensor codes = box_regression[b].index_select(0, anchor_index);
+    const at::Tensor candidate_boxes =
+        candidate_anchors(anchors, cell_anchors, b, anchor_index, layout).to(codes.scalar_type());
+    at::Tensor boxes = decode_detections(codes, candidate_boxes, weights, bbox_xform_clip);
+    // torchvision's clip_boxes_to_image: x within [0, width], y within [0, height].
+    boxes.select(1, 0).clamp_(0, layout.widths[b]), boxes.select(1, 2).clamp_(0, layout.widths[b]);
+    boxes.select(1, 1).clamp_(0, layout.heights[b]), boxes.select(1, 3).clamp_(0, layout.heights[b]);
+    const at::Tensor keep = batched_nms(boxes, scores, labels, nms_thresh, layout.detections);
+    const int64_t kept_count = keep.numel();
+    out_boxes[b].narrow(0, 0, kept_count).copy_(boxes.index_select(0, keep));
+    out_scores[b].narrow(0, 0, kept_count).copy_(scores.index_select(0, keep));
+    out_labels[b].narrow(0, 0, kept_count).copy_(labels.index_select(0, keep));
+    counts.data_ptr<int64_t>()[b] = kept_count;
+  }
+  return {out_boxes, out_scores, out_labels, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rpn_ops, CPU, m) {
+  m.impl("dense_detections", TORCH_FN(dense_detections));
+}
+
+}  // namespace rpn_ops::cpu
