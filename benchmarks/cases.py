@@ -29,7 +29,8 @@ class Workload:
     op: str  # "nms", "batched_nms", "box_iou", "anchors", "decode", "encode", "assign_targets", "generate_proposals",
     #  "rpn" (torchvision's RegionProposalNetwork, patched or not), "model" (a whole Faster R-CNN, patched or not),
     #  "retinanet" / "fcos" (the model's post-process or training targets, patched or not), "ssd" (an SSD's
-    #  post-process, training targets or whole model, patched or not)
+    #  post-process, training targets or whole model, patched or not), "dense_detections" (one-stage detections in
+    #  one op against torchvision's postprocess_detections)
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -392,15 +393,15 @@ def _retinanet_anchors(num_images: int, device):
     return images, features, model.anchor_generator(images, features)
 
 
-def _retinanet_head_inputs(num_images: int, device):
+def _retinanet_head_inputs(num_images: int, device, saturated: int = 2_000):
     """Trained-like head outputs of 800 x 1216 images: class logits mostly far below the 0.05 score threshold
-    (about 1 in 150 above it), a few saturated (sigmoid exactly 1.0: ties); per-level lists as
+    (about 1 in 150 above it), `saturated` of them saturated (sigmoid exactly 1.0: ties); per-level lists as
     postprocess_detections takes them, with each image's anchors split by level."""
     images, features, anchors = _retinanet_anchors(num_images, device)
     generator = torch.Generator().manual_seed(0)
     per_level = [f.shape[-2] * f.shape[-1] * 9 for f in features]
     logits = torch.randn(num_images, sum(per_level), 91, generator=generator) * 1.5 - 7.0
-    logits.view(-1)[torch.randint(0, logits.numel(), (2_000,), generator=generator)] = 30.0
+    logits.view(-1)[torch.randint(0, logits.numel(), (saturated,), generator=generator)] = 30.0
     deltas = workloads.box_deltas(num_images * sum(per_level), scale=0.5).reshape(num_images, -1, 4)
     head_outputs = {"cls_logits": list(logits.to(device).split(per_level, 1)),
                     "bbox_regression": list(deltas.to(device).split(per_level, 1))}
@@ -424,9 +425,11 @@ def retinanet_postprocess_workload(num_images: int) -> Workload:
 
 
 def _retinanet_dense_inputs(num_images: int, device):
-    """The inputs of _retinanet_head_inputs as RetinaNet's head returns them, before its split by level: [B, A, C]
-    logits, [B, A, 4] deltas, the anchors of each image, the image sizes and the anchors per level."""
-    head_outputs, anchors, image_sizes = _retinanet_head_inputs(num_images, device)
+    """The inputs of _retinanet_head_inputs, without saturated logits (where overlapping boxes tie, greedy NMS keeps
+    what its order of visits decides, and torchvision leaves that order to torch.topk), as RetinaNet's head returns
+    them, before its split by level: [B, A, C] logits, [B, A, 4] deltas, the anchors of each image, the image
+    sizes and the anchors per level."""
+    head_outputs, anchors, image_sizes = _retinanet_head_inputs(num_images, device, saturated=0)
     per_level = [level.shape[1] for level in head_outputs["cls_logits"]]
     return (torch.cat(head_outputs["cls_logits"], 1), torch.cat(head_outputs["bbox_regression"], 1),
             [torch.cat(a) for a in anchors], image_sizes, per_level)
@@ -464,7 +467,7 @@ def dense_retinanet_workload(num_images: int, devices=("cpu", "cuda")) -> Worklo
 
 def dense_ssd_workload(name: str, num_images: int, devices=("cpu", "cuda")) -> Workload:
     """torchvision: SSD.postprocess_detections (as shipped); ours: one rpn_ops.dense_detections call (softmax scores,
-    top-k per class) with the model's settings."""
+    top-k per class) with the model's settings. Inputs without saturated logits, as for dense_retinanet_workload."""
 
     def ours(head_outputs, anchors, image_sizes):
         model = _ssds(name, head_outputs["cls_logits"].device)[1]
@@ -480,8 +483,9 @@ def dense_ssd_workload(name: str, num_images: int, devices=("cpu", "cuda")) -> W
 
     return Workload(
         f"dense-{name}-b{num_images}", "dense_detections", f"{SSD_MODELS[name][0]} detections in one op, batch "
-        f"{num_images}, 91 classes", dict(images=num_images), partial(_ssd_head_inputs, name, num_images), ours,
-        theirs, None, size=num_images, size_unit="images", series=name, devices=devices)
+        f"{num_images}, 91 classes", dict(images=num_images),
+        partial(_ssd_head_inputs, name, num_images, saturated=0),
+        ours, theirs, None, size=num_images, size_unit="images", series=name, devices=devices)
 
 
 def retinanet_model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")
@@ -621,20 +625,22 @@ def _ssd_anchors(name: str, num_images: int, device):
     from torchvision.models.detection.image_list import ImageList
     model, _ = _ssds(name, torch.device(device))
     size = SSD_MODELS[name][1]
+    training = model.training  # a training-step workload may have left it in training mode
     with torch.no_grad():
-        features = list(model.backbone(torch.zeros(1, 3, size, size, device=device)).values())
+        features = list(model.eval().backbone(torch.zeros(1, 3, size, size, device=device)).values())
+    model.train(training)
     images = ImageList(torch.zeros(num_images, 3, size, size, device=device), [(size, size)] * num_images)
     return images.image_sizes, model.anchor_generator(images, [f.expand(num_images, -1, -1, -1) for f in features])
 
 
-def _ssd_head_inputs(name: str, num_images: int, device):
+def _ssd_head_inputs(name: str, num_images: int, device, saturated: int = 2_000):
     """Trained-like head outputs: the background class far ahead for most anchors, so that about 1 class score in
-    100 passes the 0.01 threshold, and a few saturated logits (softmax exactly 1.0: ties)."""
+    100 passes the 0.01 threshold, and `saturated` logits saturated (softmax exactly 1.0: ties)."""
     image_sizes, anchors = _ssd_anchors(name, num_images, device)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(num_images, anchors[0].shape[0], 91, generator=generator) * 1.5
     logits[..., 0] += 9.5
-    logits.view(-1)[torch.randint(0, logits.numel(), (2_000,), generator=generator)] = 30.0
+    logits.view(-1)[torch.randint(0, logits.numel(), (saturated,), generator=generator)] = 30.0
     deltas = workloads.box_deltas(logits.shape[0] * logits.shape[1], scale=0.5).reshape(num_images, -1, 4)
     return {"cls_logits": logits.to(device), "bbox_regression": deltas.to(device)}, anchors, image_sizes
 

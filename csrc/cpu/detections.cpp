@@ -5,6 +5,7 @@
 //  2. each group's best topk_candidates by a partial sort (nth_element, then a sort of those kept);
 //  3. decode of the kept candidates only (the decode_boxes kernel), clip, then batched NMS that stops at
 //     detections_per_img.
+// Steps 2 and 3, and softmax's scan, run for the images in parallel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -16,6 +17,7 @@
 #include "../detections.h"
 #include "../dispatch.h"
 #include "nms.h"
+#include "parallel.h"
 
 namespace rpn_ops::cpu {
 namespace {
@@ -104,6 +106,39 @@ at::Tensor candidate_anchors(at::TensorList anchors, const std::optional<at::Ten
   return out;
 }
 
+// One image's detections from its kept candidates (in group order), written to the first rows of its outputs;
+// returns how many.
+int64_t image_detections(const std::vector<Candidate>& kept, const at::Tensor& box_regression, at::TensorList anchors,
+                         const std::optional<at::Tensor>& cell_anchors, int64_t image, const DetectionLayout& layout,
+                         at::ArrayRef<double> weights, double bbox_xform_clip, double nms_thresh,
+                         at::ScalarType score_type, const at::Tensor& out_boxes, const at::Tensor& out_scores,
+                         const at::Tensor& out_labels) {
+  const int64_t count = static_cast<int64_t>(kept.size());
+  if (count == 0) return 0;
+  const auto long_options = box_regression.options().dtype(at::kLong);
+  at::Tensor anchor_index = at::empty({count}, long_options), labels = at::empty({count}, long_options);
+  at::Tensor scores = at::empty({count}, box_regression.options().dtype(at::kDouble));
+  for (int64_t j = 0; j < count; ++j) {
+    anchor_index.data_ptr<int64_t>()[j] = kept[j].flat / layout.classes;
+    labels.data_ptr<int64_t>()[j] = kept[j].flat % layout.classes;
+    scores.data_ptr<double>()[j] = kept[j].score;
+  }
+  scores = scores.to(score_type);
+  const at::Tensor codes = box_regression.index_select(0, anchor_index);
+  const at::Tensor candidate_boxes =
+      candidate_anchors(anchors, cell_anchors, image, anchor_index, layout).to(codes.scalar_type());
+  at::Tensor boxes = decode_detections(codes, candidate_boxes, weights, bbox_xform_clip);
+  // torchvision's clip_boxes_to_image: x within [0, width], y within [0, height].
+  boxes.select(1, 0).clamp_(0, layout.widths[image]), boxes.select(1, 2).clamp_(0, layout.widths[image]);
+  boxes.select(1, 1).clamp_(0, layout.heights[image]), boxes.select(1, 3).clamp_(0, layout.heights[image]);
+  const at::Tensor keep = batched_nms(boxes, scores, labels, nms_thresh, layout.detections);
+  const int64_t kept_count = keep.numel();
+  out_boxes.narrow(0, 0, kept_count).copy_(boxes.index_select(0, keep));
+  out_scores.narrow(0, 0, kept_count).copy_(scores.index_select(0, keep));
+  out_labels.narrow(0, 0, kept_count).copy_(labels.index_select(0, keep));
+  return kept_count;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
     const at::Tensor& class_logits, const at::Tensor& box_regression, at::TensorList anchors,
     at::IntArrayRef image_sizes, at::IntArrayRef num_anchors_per_level, double score_thresh, int64_t topk_candidates,
@@ -122,39 +157,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
   // torchvision: F.softmax of each image's [A, C] logits; row by row, so the batch's softmax has the same bits.
   const at::Tensor probabilities =
       layout.activation == Activation::kSoftmax ? at::softmax(logits, -1) : at::Tensor();
-  const auto long_options = class_logits.options().dtype(at::kLong);
-  for (int64_t b = 0; b < layout.images; ++b) {
-    std::vector<std::vector<Candidate>> groups =
-        image_candidates(logits[b], probabilities.defined() ? probabilities[b] : at::Tensor(), layout, score_thresh);
-    std::vector<Candidate> kept;
-    for (int64_t g = 0; g < layout.groups(); ++g) {
-      keep_best(groups[g], layout.group_limit(g));
-      kept.insert(kept.end(), groups[g].begin(), groups[g].end());
-    }
-    const int64_t count = static_cast<int64_t>(kept.size());
-    if (count == 0) continue;
-    at::Tensor anchor_index = at::empty({count}, long_options), labels = at::empty({count}, long_options);
-    at::Tensor scores = at::empty({count}, class_logits.options().dtype(at::kDouble));
-    for (int64_t j = 0; j < count; ++j) {
-      anchor_index.data_ptr<int64_t>()[j] = kept[j].flat / layout.classes;
-      labels.data_ptr<int64_t>()[j] = kept[j].flat % layout.classes;
-      scores.data_ptr<double>()[j] = kept[j].score;
-    }
-    scores = scores.to(class_logits.scalar_type());
-    const at::Tensor codes = box_regression[b].index_select(0, anchor_index);
-    const at::Tensor candidate_boxes =
-        candidate_anchors(anchors, cell_anchors, b, anchor_index, layout).to(codes.scalar_type());
-    at::Tensor boxes = decode_detections(codes, candidate_boxes, weights, bbox_xform_clip);
-    // torchvision's clip_boxes_to_image: x within [0, width], y within [0, height].
-    boxes.select(1, 0).clamp_(0, layout.widths[b]), boxes.select(1, 2).clamp_(0, layout.widths[b]);
-    boxes.select(1, 1).clamp_(0, layout.heights[b]), boxes.select(1, 3).clamp_(0, layout.heights[b]);
-    const at::Tensor keep = batched_nms(boxes, scores, labels, nms_thresh, layout.detections);
-    const int64_t kept_count = keep.numel();
-    out_boxes[b].narrow(0, 0, kept_count).copy_(boxes.index_select(0, keep));
-    out_scores[b].narrow(0, 0, kept_count).copy_(scores.index_select(0, keep));
-    out_labels[b].narrow(0, 0, kept_count).copy_(labels.index_select(0, keep));
-    counts.data_ptr<int64_t>()[b] = kept_count;
+  // Sigmoid candidates: score_candidates shares each level's scan among the threads, image after image. Then the
+  // images in parallel: softmax candidates, top-k, decode, NMS.
+  std::vector<std::vector<std::vector<Candidate>>> groups(layout.images);
+  auto candidates_of = [&](int64_t b) {
+    groups[b] = image_candidates(logits[b], probabilities.defined() ? probabilities[b] : at::Tensor(), layout,
+                                 score_thresh);
+  };
+  if (layout.activation == Activation::kSigmoid) {
+    for (int64_t b = 0; b < layout.images; ++b) candidates_of(b);
   }
+  parallel_for(layout.images, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (layout.activation == Activation::kSoftmax) candidates_of(b);
+      std::vector<Candidate> kept;
+      for (int64_t g = 0; g < layout.groups(); ++g) {
+        keep_best(groups[b][g], layout.group_limit(g));
+        kept.insert(kept.end(), groups[b][g].begin(), groups[b][g].end());
+      }
+      groups[b].clear();
+      const at::Tensor image_boxes = out_boxes[b], image_scores = out_scores[b], image_labels = out_labels[b];
+      counts.data_ptr<int64_t>()[b] = image_detections(kept, box_regression[b], anchors, cell_anchors, b, layout,
+                                                       weights, bbox_xform_clip, nms_thresh, class_logits.scalar_type(),
+                                                       image_boxes, image_scores, image_labels);
+    }
+  });
   return {out_boxes, out_scores, out_labels, counts};
 }
 
