@@ -84,6 +84,9 @@ def anchor_ops(device):
         class_logits, class_deltas, grid, activation="softmax", topk_per="class", padded=True, **detections)
     yield "dense_detections float64, 5 per image", lambda: rpn_ops.dense_detections(
         class_logits.double(), class_deltas.double(), anchors, detections_per_img=5, **detections)
+    yield "dense_detections FCOS (centerness, linear coding)", lambda: rpn_ops.dense_detections(
+        class_logits, class_deltas.abs(), anchors, centerness=class_logits[..., :1], box_coding="linear",
+        **detections)
 
 
 def main():

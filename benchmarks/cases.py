@@ -546,13 +546,14 @@ def _fcos_anchors(num_images: int, device):
     return images, model.anchor_generator(images, features), [f.shape[-2] * f.shape[-1] for f in features]
 
 
-def _fcos_head_inputs(num_images: int, device):
-    """Trained-like head outputs of 800 x 1216 images (class logits mostly far below FCOS's 0.2 score threshold, a
-    few saturated with their centerness: scores exactly 1.0), per level as postprocess_detections takes them."""
+def _fcos_head_inputs(num_images: int, device, saturated: int = 2_000):
+    """Trained-like head outputs of 800 x 1216 images (class logits mostly far below FCOS's 0.2 score threshold,
+    `saturated` of them saturated with their centerness: scores exactly 1.0), per level as postprocess_detections
+    takes them."""
     images, anchors, per_level = _fcos_anchors(num_images, device)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(num_images, sum(per_level), 91, generator=generator) * 1.5 - 6.0
-    saturated = torch.randint(0, logits.numel(), (2_000,), generator=generator)
+    saturated = torch.randint(0, logits.numel(), (saturated,), generator=generator)
     logits.view(-1)[saturated] = 30.0
     ctrness = torch.randn(num_images, sum(per_level), 1, generator=generator)
     ctrness.view(-1)[torch.div(saturated, 91, rounding_mode="floor")] = 30.0
@@ -576,6 +577,43 @@ def fcos_postprocess_workload(num_images: int) -> Workload:
         f"FCOS detections, {height}x{width}, batch {num_images}, 91 classes", dict(images=num_images),
         partial(_fcos_head_inputs, num_images), partial(run, 1), partial(run, 0), None,
         size=num_images, size_unit="images (800 x 1216, FPN)", series="post-process")
+
+
+def _fcos_dense_inputs(num_images: int, device):
+    """The inputs of _fcos_head_inputs without saturated logits (see _retinanet_dense_inputs), as FCOS's head returns
+    them: [B, A, C] logits, [B, A, 4] distances, [B, A, 1] centerness, anchors, image sizes, anchors per level."""
+    head_outputs, anchors, image_sizes = _fcos_head_inputs(num_images, device, saturated=0)
+    per_level = [level.shape[1] for level in head_outputs["cls_logits"]]
+    return (*(torch.cat(head_outputs[k], 1) for k in ("cls_logits", "bbox_regression", "bbox_ctrness")),
+            [torch.cat(a) for a in anchors], image_sizes, per_level)
+
+
+def dense_fcos_workload(num_images: int) -> Workload:
+    """torchvision: FCOS.postprocess_detections (as shipped); ours: one rpn_ops.dense_detections call (centerness
+    scores, BoxLinearCoder's decode) with the model's settings."""
+    height, width = workloads.IMAGE_SIZE
+
+    def ours(class_logits, box_regression, centerness, anchors, image_sizes, per_level):
+        model = _fcoses(class_logits.device)[1]
+        boxes, scores, labels = rpn_ops.dense_detections(
+            class_logits, box_regression, anchors, image_sizes, per_level, model.score_thresh,
+            model.topk_candidates, model.nms_thresh, model.detections_per_img, centerness=centerness,
+            box_coding="linear")
+        return [t for image in zip(boxes, scores, labels) for t in image]
+
+    def theirs(class_logits, box_regression, centerness, anchors, image_sizes, per_level):
+        model = _fcoses(class_logits.device)[0]
+        head_outputs = {"cls_logits": list(class_logits.split(per_level, 1)),
+                        "bbox_regression": list(box_regression.split(per_level, 1)),
+                        "bbox_ctrness": list(centerness.split(per_level, 1))}
+        return _detections(model.postprocess_detections(head_outputs, [list(a.split(per_level)) for a in anchors],
+                                                        image_sizes))
+
+    return Workload(
+        f"dense-fcos-{height}x{width}-b{num_images}", "dense_detections",
+        f"FCOS detections in one op, {height}x{width}, batch {num_images}, 91 classes", dict(images=num_images),
+        partial(_fcos_dense_inputs, num_images), ours, theirs, None, size=num_images,
+        size_unit="images (800 x 1216, FPN)", series="fcos")
 
 
 def _fcos_target_inputs(num_images: int, num_gt: int, device):
@@ -747,6 +785,7 @@ WORKLOADS: List[Workload] = [
     *(ssd_model_workload("ssdlite320", 8, training, devices=("cuda",)) for training in (False, True)),
     dense_retinanet_workload(2),
     dense_retinanet_workload(8, devices=("cuda",)),
+    dense_fcos_workload(2),
     dense_ssd_workload("ssd300", 2),
     dense_ssd_workload("ssdlite320", 2),
     dense_ssd_workload("ssd300", 8, devices=("cuda",)),

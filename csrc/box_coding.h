@@ -175,6 +175,22 @@ RPN_HD void decode_finish(const DecodeStart<T>& start, S exp_dw, S exp_dh, S out
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Linear decode: torchvision's BoxLinearCoder(normalize_by_size=True).decode (FCOS's box coder): the codes are the
+// distances from the reference box's centre to the sides, in units of its width and height. Each step rounded to
+// T, as torchvision's tensors are.
+template <typename T>
+RPN_HD void decode_linear(const T code[4], const T box[4], T out[4]) {
+  const T ctr_x = scaled(0.5, static_cast<T>(box[0] + box[2]));
+  const T ctr_y = scaled(0.5, static_cast<T>(box[1] + box[3]));
+  const T width = box[2] - box[0];
+  const T height = box[3] - box[1];
+  out[0] = ctr_x - static_cast<T>(code[0] * width);
+  out[1] = ctr_y - static_cast<T>(code[1] * height);
+  out[2] = ctr_x + static_cast<T>(code[2] * width);
+  out[3] = ctr_y + static_cast<T>(code[3] * height);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Encode: torchvision's encode_boxes(reference_boxes, proposals, weights). Reference boxes of type R (the
 // weights tensor has R too), proposals of type P, mixed terms in M = promote(R, P); L is the type of the
 // logarithm: M, or float32 where CUDA autocast runs torch.log in float32. The output has type L.

@@ -16,8 +16,9 @@ TORCH_LIBRARY_FRAGMENT(RPN_OPS_NAMESPACE, m) {
       "dense_detections(Tensor class_logits, Tensor box_regression, Tensor[] anchors, int[] image_sizes, "
       "int[] num_anchors_per_level, float score_thresh, int topk_candidates, float nms_thresh, "
       "int detections_per_img, float[] weights, float bbox_xform_clip, str activation, str topk_per, "
-      "Tensor? cell_anchors=None, int[] cells_per_level=[], int[] grid_sizes=[], int[] strides=[]) "
-      "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor counts)");
+      "Tensor? cell_anchors=None, int[] cells_per_level=[], int[] grid_sizes=[], int[] strides=[], "
+      "Tensor? centerness=None, str box_coding=\"deltas\") -> (Tensor boxes, Tensor scores, Tensor labels, "
+      "Tensor counts)");
 }
 
 namespace rpn_ops {
@@ -38,7 +39,8 @@ DetectionLayout check_detection_inputs(const at::Tensor& class_logits, const at:
                                        at::ArrayRef<double> weights, double bbox_xform_clip,
                                        c10::string_view activation, c10::string_view topk_per,
                                        const std::optional<at::Tensor>& cell_anchors, at::IntArrayRef cells_per_level,
-                                       at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
+                                       at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+                                       const std::optional<at::Tensor>& centerness, c10::string_view box_coding) {
   DetectionLayout layout;
   std::tie(layout.heights, layout.widths) = check_image_sizes(image_sizes);
   layout.images = static_cast<int64_t>(layout.heights.size());
@@ -46,8 +48,15 @@ DetectionLayout check_detection_inputs(const at::Tensor& class_logits, const at:
                     "activation must be \"sigmoid\" or \"softmax\", got \"", std::string(activation), "\"");
   TORCH_CHECK_VALUE(topk_per == "level" || topk_per == "class", "topk_per must be \"level\" or \"class\", got \"",
                     std::string(topk_per), "\"");
+  TORCH_CHECK_VALUE(box_coding == "deltas" || box_coding == "linear",
+                    "box_coding must be \"deltas\" or \"linear\", got \"", std::string(box_coding), "\"");
   layout.activation = activation == "softmax" ? Activation::kSoftmax : Activation::kSigmoid;
   layout.per_class = topk_per == "class";
+  layout.coding = box_coding == "linear" ? BoxCoding::kLinear : BoxCoding::kDeltas;
+  layout.centered = centerness.has_value();
+  TORCH_CHECK_VALUE(!layout.centered || layout.activation == Activation::kSigmoid,
+                    "centerness goes with activation=\"sigmoid\" (FCOS's scores), got \"", std::string(activation),
+                    "\"");
   TORCH_CHECK_VALUE(!num_anchors_per_level.empty(), "num_anchors_per_level must hold at least one level");
   for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
     const int64_t count = num_anchors_per_level[l];
@@ -84,9 +93,24 @@ DetectionLayout check_detection_inputs(const at::Tensor& class_logits, const at:
                   box_regression.size(1) == layout.anchors && box_regression.size(2) == 4,
               "box_regression must have shape [B, A, 4] with B = ", layout.images, " and A = ", layout.anchors,
               ", got ", box_regression.sizes());
+  if (layout.centered) {
+    const at::Tensor& c = *centerness;
+    TORCH_CHECK_TYPE(c.scalar_type() == class_logits.scalar_type(), "centerness must have the dtype of class_logits (",
+                     class_logits.scalar_type(), "), got ", c.scalar_type());
+    TORCH_CHECK(c.device() == class_logits.device(), "centerness must be on the same device as class_logits (",
+                class_logits.device(), "), got ", c.device());
+    TORCH_CHECK((c.dim() == 2 || (c.dim() == 3 && c.size(2) == 1)) && c.size(0) == layout.images &&
+                    c.size(1) == layout.anchors,
+                "centerness must have shape [B, A] or [B, A, 1] with B = ", layout.images, " and A = ",
+                layout.anchors, ", got ", c.sizes());
+  }
   layout.anchor_grid = check_anchor_source(anchors, cell_anchors, cells_per_level, grid_sizes, strides,
                                            num_anchors_per_level, layout.images, class_logits, "class_logits");
   return layout;
+}
+
+at::Tensor centerness_logits(const at::Tensor& centerness) {
+  return centerness.reshape({centerness.size(0), centerness.size(1)}).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_detections(const at::Tensor& class_logits,

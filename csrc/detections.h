@@ -1,10 +1,12 @@
-// dense_detections: the detections of a one-stage detector (RetinaNet, SSD, and any head of class logits and box
-// deltas over anchors), as torchvision's postprocess_detections computes them, for a batch in one call:
-//  1. scores: sigmoid of every class logit, or softmax over the classes with class 0 the background (never kept);
+// dense_detections: the detections of a one-stage detector (RetinaNet, FCOS, SSD, and any head of class logits and
+// box deltas over anchors), as torchvision's postprocess_detections computes them, for a batch in one call:
+//  1. scores: sigmoid of every class logit (with centerness logits: FCOS's sqrt(sigmoid(class) *
+//     sigmoid(centerness))), or softmax over the classes with class 0 the background (never kept);
 //  2. candidates: the (anchor, class) pairs scoring above score_thresh, in groups (per level over anchors x classes,
 //     or per class over all anchors), each group's best topk_candidates by descending score, equal scores lower
 //     position first (position: anchor * classes + class within the level, or the anchor);
-//  3. the candidates' deltas decoded against their anchors (torchvision's BoxCoder) and clipped to the image;
+//  3. the candidates' deltas decoded against their anchors (torchvision's BoxCoder, or FCOS's BoxLinearCoder) and
+//     clipped to the image;
 //  4. per-class greedy NMS by descending score (equal scores in candidate order: groups in order, then rank), the
 //     first detections_per_img kept.
 // The outputs are padded: [B, D, 4] boxes, [B, D] scores and int64 labels (zeros past each image's count) and the
@@ -15,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -24,6 +27,16 @@
 namespace rpn_ops {
 
 enum class Activation { kSigmoid, kSoftmax };
+enum class BoxCoding { kDeltas, kLinear };  // BoxCoder(weights, bbox_xform_clip); BoxLinearCoder(normalize_by_size)
+
+// The product under FCOS's score sqrt(sigmoid(class logit) * sigmoid(centerness logit)), from the two sigmoids,
+// rounded to S as torchvision's tensor is. The square root is the device's: correctly rounded on CUDA; on the CPU
+// PyTorch's vectorised sqrt (SLEEF's, within half an ulp and a little), which the CPU kernel calls.
+template <typename S>
+RPN_HD S centered_product(S class_score, S center_score) {
+  using A = opmath_t<S>;
+  return static_cast<S>(static_cast<A>(class_score) * static_cast<A>(center_score));
+}
 
 struct DetectionLayout {
   int64_t images = 0, anchors = 0, classes = 0;  // anchors and classes per image
@@ -31,6 +44,8 @@ struct DetectionLayout {
   std::vector<int64_t> heights, widths;
   std::vector<AnchorLevel> anchor_grid;  // the anchor specification's levels, when anchors are computed
   Activation activation = Activation::kSigmoid;
+  bool centered = false;   // sigmoid scores times the centerness' sigmoid, square-rooted (FCOS)
+  BoxCoding coding = BoxCoding::kDeltas;
   bool per_class = false;  // groups: one per class (over all anchors), else one per level
   int64_t topk = 0, detections = 0;
 
@@ -51,7 +66,11 @@ DetectionLayout check_detection_inputs(const at::Tensor& class_logits, const at:
                                        at::ArrayRef<double> weights, double bbox_xform_clip,
                                        c10::string_view activation, c10::string_view topk_per,
                                        const std::optional<at::Tensor>& cell_anchors, at::IntArrayRef cells_per_level,
-                                       at::IntArrayRef grid_sizes, at::IntArrayRef strides);
+                                       at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+                                       const std::optional<at::Tensor>& centerness, c10::string_view box_coding);
+
+// The [B, A] centerness logits of a [B, A] or [B, A, 1] tensor, contiguous.
+at::Tensor centerness_logits(const at::Tensor& centerness);
 
 // The padded outputs, zero-filled: boxes [B, D, 4] of decode's dtype, scores [B, D] of the logits', labels [B, D]
 // and counts [B] int64.

@@ -172,7 +172,8 @@ def _score_candidates_fake(logits, score_thresh):
 @torch.library.register_fake("rpn_ops::dense_detections")
 def _dense_detections_fake(class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh,
                            topk_candidates, nms_thresh, detections_per_img, weights, bbox_xform_clip, activation,
-                           topk_per, cell_anchors=None, cells_per_level=(), grid_sizes=(), strides=()):
+                           topk_per, cell_anchors=None, cells_per_level=(), grid_sizes=(), strides=(),
+                           centerness=None, box_coding="deltas"):
     torch._check(len(image_sizes) % 2 == 0, lambda: "image_sizes must hold (height, width) per image")
     torch._check(detections_per_img >= 0, lambda: f"detections_per_img must be >= 0, got {detections_per_img}")
     images = len(image_sizes) // 2

@@ -86,6 +86,16 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, bbox_xform_clip: flo
     return torch.stack(corners, dim=2).flatten(1)
 
 
+def decode_linear(rel_codes: Tensor, boxes: Tensor) -> Tensor:
+    """torchvision's BoxLinearCoder(normalize_by_size=True).decode (FCOS): distances from the box's centre to its
+    sides, in units of its size."""
+    boxes = boxes.to(rel_codes.dtype)
+    ctr_x, ctr_y = 0.5 * (boxes[:, 0] + boxes[:, 2]), 0.5 * (boxes[:, 1] + boxes[:, 3])
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    codes = rel_codes * torch.stack((width, height, width, height), dim=1)
+    return torch.stack((ctr_x - codes[:, 0], ctr_y - codes[:, 1], ctr_x + codes[:, 2], ctr_y + codes[:, 3]), dim=1)
+
+
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
     """[N, 4] targets (dx, dy, dw, dh) of reference boxes relative to proposals, in torchvision's order; the
     weights take the reference boxes' dtype."""
@@ -196,13 +206,16 @@ def dense_detections(class_logits: Tensor, box_regression: Tensor, anchors: List
                      num_anchors_per_level: List[int], score_thresh: float, topk_candidates: int, nms_thresh: float,
                      detections_per_img: int, weights=(1.0, 1.0, 1.0, 1.0),
                      bbox_xform_clip: float = math.log(1000.0 / 16), activation: str = "sigmoid",
-                     topk_per: str = "level", sigmoid=torch.sigmoid, decode=None):
-    """torchvision's one-stage postprocess_detections (RetinaNet: sigmoid, top-k per level; SSD: softmax with class
-    0 the background, top-k per class) step by step, with ties made deterministic: each group's top-k by a stable
+                     topk_per: str = "level", sigmoid=torch.sigmoid, decode=None, centerness=None,
+                     box_coding: str = "deltas", sqrt=torch.sqrt):
+    """torchvision's one-stage postprocess_detections (RetinaNet: sigmoid, top-k per level; FCOS: the same with
+    sqrt(sigmoid(class) * sigmoid(centerness)) scores and BoxLinearCoder's decode; SSD: softmax with class 0 the
+    background, top-k per class) step by step, with ties made deterministic: each group's top-k by a stable
     descending sort of its candidates in position order, NMS by a stable descending sort of all candidates.
     anchors: one [A, 4] tensor per image. `sigmoid` computes the scores of one image's level (torchvision calls
-    torch.sigmoid per image and level, and the CPU's bits depend on where an element sits in the tensor);
-    `decode(rel_codes, boxes, weights, bbox_xform_clip)` is decode_boxes unless given.
+    torch.sigmoid per image and level, and the CPU's bits depend on where an element sits in the tensor); `sqrt`
+    takes FCOS's square root;
+    `decode(rel_codes, boxes, weights, bbox_xform_clip)` is decode_boxes unless given (box_coding "deltas").
     Returns per image the boxes [K, 4], scores [K] and int64 labels [K], by descending score."""
     decode = decode_boxes if decode is None else decode
     first_class = 1 if activation == "softmax" else 0  # softmax's class 0 is the background
@@ -212,6 +225,11 @@ def dense_detections(class_logits: Tensor, box_regression: Tensor, anchors: List
         logits = class_logits[b].detach()
         if activation == "softmax":
             scores = torch.softmax(logits, dim=-1)
+        elif centerness is not None:
+            center = centerness[b].detach().reshape(-1, 1)
+            scores = torch.cat([sqrt(sigmoid(logits[start:start + count].contiguous())
+                                     * sigmoid(center[start:start + count].contiguous()))
+                                for start, count in zip(starts, num_anchors_per_level)])
         else:
             scores = torch.cat([sigmoid(logits[start:start + count].contiguous())
                                 for start, count in zip(starts, num_anchors_per_level)])
@@ -229,7 +247,11 @@ def dense_detections(class_logits: Tensor, box_regression: Tensor, anchors: List
             chosen.append(group[order[:topk_candidates]])
         anchor_index, labels = torch.cat(chosen).unbind(1)
         candidate_scores = scores[anchor_index, labels]
-        boxes = decode(box_regression[b].detach()[anchor_index], anchors[b][anchor_index], weights, bbox_xform_clip)
+        codes, reference_boxes = box_regression[b].detach()[anchor_index], anchors[b][anchor_index]
+        if box_coding == "linear":
+            boxes = decode_linear(codes, reference_boxes)
+        else:
+            boxes = decode(codes, reference_boxes, weights, bbox_xform_clip)
         clipped_x = boxes[:, 0::2].clamp(min=0, max=width)  # torchvision's clip_boxes_to_image
         clipped_y = boxes[:, 1::2].clamp(min=0, max=height)
         boxes = torch.stack((clipped_x, clipped_y), dim=2).reshape(boxes.shape)

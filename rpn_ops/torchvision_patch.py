@@ -104,21 +104,28 @@ def _joined(parts: List[Tensor], dim: int) -> Tensor:
 
 def _fused_detections(model: nn.Module, class_logits: Tensor, box_regression: Tensor, anchors: List[Tensor],
                       num_anchors_per_level: List[int], image_shapes: List[Tuple[int, int]], activation: str,
-                      topk_per: str) -> List[Dict[str, Tensor]]:
+                      topk_per: str, centerness: Optional[Tensor] = None) -> List[Dict[str, Tensor]]:
     """A one-stage model's detections from one :func:`rpn_ops.dense_detections` call with its settings."""
+    coder = model.box_coder
+    linear = isinstance(coder, tv_det_utils.BoxLinearCoder)
     boxes, scores, labels = dense_detections(
         class_logits, box_regression, anchors, image_shapes, num_anchors_per_level, model.score_thresh,
-        model.topk_candidates, model.nms_thresh, model.detections_per_img, model.box_coder.weights,
-        model.box_coder.bbox_xform_clip, activation, topk_per)
+        model.topk_candidates, model.nms_thresh, model.detections_per_img,
+        (1.0, 1.0, 1.0, 1.0) if linear else coder.weights,
+        math.log(1000.0 / 16) if linear else coder.bbox_xform_clip, activation, topk_per, centerness,
+        "linear" if linear else "deltas")
     return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
 
 
 def _fusable(model: nn.Module) -> bool:
     """Whether the model's detections may come from rpn_ops.dense_detections: its fast form asked for
     (``torchvision_tie_order`` False), eager or compiled (not traced or exported: the op's outputs have data-dependent
-    sizes), and a box coder it computes."""
-    return (not model.torchvision_tie_order and isinstance(model.box_coder, _BOX_CODERS)
-            and not torch.jit.is_tracing() and not _portable.exporting_to_onnx())
+    sizes), and a box coder it computes (BoxCoder, or FCOS's BoxLinearCoder(normalize_by_size=True))."""
+    coder = model.box_coder
+    known_coder = isinstance(coder, _BOX_CODERS) or (type(coder) is tv_det_utils.BoxLinearCoder
+                                                     and coder.normalize_by_size)
+    return (not model.torchvision_tie_order and known_coder and not torch.jit.is_tracing()
+            and not _portable.exporting_to_onnx())
 
 
 def _selected_levels(top_n_idx: Tensor, num_anchors_per_level: List[int]) -> Tensor:
@@ -611,7 +618,11 @@ class FCOS(tv_fcos.FCOS):
                                image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         """torchvision's steps per image and level (``sqrt(sigmoid(class) * sigmoid(centerness))`` above
         ``score_thresh``, the best ``topk_candidates``, decode of those, clip), then per-class NMS and the best
-        ``detections_per_img``, with rpn_ops' NMS."""
+        ``detections_per_img``, with rpn_ops' NMS; with ``torchvision_tie_order`` False, one
+        :func:`rpn_ops.dense_detections` call."""
+        if not torch.jit.is_scripting():
+            if _fusable(self):
+                return self._dense_detections(head_outputs, anchors, image_shapes)
         detections: List[Dict[str, Tensor]] = []
         for index in range(len(image_shapes)):
             image_boxes: List[Tensor] = []
@@ -641,6 +652,15 @@ class FCOS(tv_fcos.FCOS):
                               self.torchvision_tie_order)
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return detections
+
+    @torch.jit.unused
+    def _dense_detections(self, head_outputs: Dict[str, List[Tensor]], anchors: List[List[Tensor]],
+                          image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        class_logits = head_outputs["cls_logits"]
+        per_level = [level.shape[1] for level in class_logits]
+        return _fused_detections(self, _joined(class_logits, 1), _joined(head_outputs["bbox_regression"], 1),
+                                 [_joined(a, 0) for a in anchors], per_level, image_shapes, "sigmoid", "level",
+                                 _joined(head_outputs["bbox_ctrness"], 1))
 
 
 def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> nn.Module:

@@ -6,7 +6,7 @@ its emulated CUDA kernel instead, run once per emulator setting in RUNS (thread 
 checks each run against the CPU kernel on the same inputs: the same outputs to the bit (or the same error),
 with the differences the README documents (decode divides by a weight by multiplying by its reciprocal, as
 PyTorch's CUDA kernels do; score_candidates computes each sigmoid alone, as torch.sigmoid's CUDA kernel does).
-PyTorch's own division by a number follows CUDA's rule there too, and its sigmoid inside sigmoid_as_on_cuda(). The
+PyTorch's own division by a number follows CUDA's rule there too, and its sigmoid and sqrt inside scores_as_on_cuda(). The
 tests' `device` fixture uses it for its third device, "emulated".
 
 The module is built on first use into build/emulated/ (ninja rebuilds only what changed). With
@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
+import numpy
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 from torch.utils._pytree import tree_flatten
@@ -200,21 +201,22 @@ def one_by_one_sigmoid_candidates(logits, score_thresh):
 
 
 _SIGMOIDS = {torch.ops.aten.sigmoid.default, torch.ops.aten.sigmoid_.default}
-_sigmoid_as_on_cuda = False
+_SQRTS = {torch.ops.aten.sqrt.default, torch.ops.aten.sqrt_.default}
+_scores_as_on_cuda = False
 
 
 @contextlib.contextmanager
-def sigmoid_as_on_cuda():
-    """Inside, on the emulated device, PyTorch's sigmoid of float32 / float64 tensors computes each element
-    alone, as its CUDA kernel does (see _cuda_sigmoid): for torchvision's one-stage post-process, whose scores
-    rpn_ops' score_candidates gives as torchvision computes them on the device. Off by default: rpn_ops' other
-    kernels call PyTorch's sigmoid themselves, and so match torchvision's on the CPU's terms."""
-    global _sigmoid_as_on_cuda
-    previous, _sigmoid_as_on_cuda = _sigmoid_as_on_cuda, True
+def scores_as_on_cuda():
+    """Inside, on the emulated device, PyTorch's sigmoid and sqrt of float32 / float64 tensors compute each element
+    as their CUDA kernels do (see _cuda_sigmoid, _cuda_sqrt): for torchvision's one-stage post-process, whose scores
+    rpn_ops gives as torchvision computes them on the device. Off by default: rpn_ops' other kernels call PyTorch's
+    sigmoid themselves, and so match torchvision's on the CPU's terms."""
+    global _scores_as_on_cuda
+    previous, _scores_as_on_cuda = _scores_as_on_cuda, True
     try:
         yield
     finally:
-        _sigmoid_as_on_cuda = previous
+        _scores_as_on_cuda = previous
 
 
 def _cuda_sigmoid(func, x):
@@ -229,6 +231,20 @@ def _cuda_sigmoid(func, x):
     return x.copy_(scores) if func is torch.ops.aten.sigmoid_.default else scores
 
 
+def _cuda_sqrt(func, x):
+    """torch.sqrt as its CUDA kernel computes it: correctly rounded (the CPU's vectorised sqrt, SLEEF's, is within
+    half an ulp plus a little, so its last bit can differ), computed in opmath and rounded to the dtype."""
+    if not x.is_floating_point():
+        return func(x)
+    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+    roots = torch.from_numpy(numpy.sqrt(x.detach().to(opmath).numpy())).to(x.dtype)
+    return x.copy_(roots) if func is torch.ops.aten.sqrt_.default else roots
+
+
+def cuda_sqrt(x):
+    return _cuda_sqrt(torch.ops.aten.sqrt.default, x)
+
+
 def cuda_decode(rel_codes, boxes, weights, bbox_xform_clip):
     """decode_boxes as its CUDA kernel computes it (see _cpu_twin_call)."""
     return torch.ops.rpn_ops.decode_boxes(*_cpu_twin_call(torch.ops.rpn_ops.decode_boxes.default,
@@ -237,7 +253,8 @@ def cuda_decode(rel_codes, boxes, weights, bbox_xform_clip):
 
 def cuda_dense_detections(class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh,
                           topk_candidates, nms_thresh, detections_per_img, weights, bbox_xform_clip, activation,
-                          topk_per, cell_anchors=None, cells_per_level=(), grid_sizes=(), strides=()):
+                          topk_per, cell_anchors=None, cells_per_level=(), grid_sizes=(), strides=(),
+                          centerness=None, box_coding="deltas"):
     """dense_detections as its CUDA kernel computes it: each sigmoid alone and decode's division by the reciprocal,
     as PyTorch's CUDA kernels do (the CPU kernel gives torch.sigmoid's CPU bits, and divides); the padded outputs of
     rpn_ops.reference.dense_detections with those steps. Called once the CPU kernel accepted the inputs."""
@@ -253,10 +270,11 @@ def cuda_dense_detections(class_logits, box_regression, anchors, image_sizes, nu
         class_logits, box_regression, anchor_list, list(zip(image_sizes[::2], image_sizes[1::2])),
         list(num_anchors_per_level), score_thresh, topk_candidates, nms_thresh, detections_per_img, weights,
         bbox_xform_clip, activation, topk_per, sigmoid=lambda x: _cuda_sigmoid(torch.ops.aten.sigmoid.default, x),
-        decode=cuda_decode)
+        decode=cuda_decode, centerness=centerness, box_coding=box_coding, sqrt=cuda_sqrt)
     padded = torch.ops.rpn_ops.dense_detections(class_logits, box_regression, anchors, image_sizes,
                                                 num_anchors_per_level, score_thresh, 0, nms_thresh,
-                                                detections_per_img, weights, bbox_xform_clip, activation, topk_per)
+                                                detections_per_img, weights, bbox_xform_clip, activation, topk_per,
+                                                centerness=centerness, box_coding=box_coding)
     out_boxes, out_scores, out_labels, counts = (t.clone() for t in padded)  # zeros of the right dtypes and shapes
     for b in range(images):
         count = len(scores[b])
@@ -336,8 +354,10 @@ class EmulatedCuda(TorchDispatchMode):
             return func(*args, **kwargs)
         if func in _TRUE_DIVISIONS:
             return _cuda_true_division(func, *args, **kwargs)
-        if func in _SIGMOIDS and _sigmoid_as_on_cuda:
+        if func in _SIGMOIDS and _scores_as_on_cuda:
             return _cuda_sigmoid(func, *args, **kwargs)
+        if func in _SQRTS and _scores_as_on_cuda:
+            return _cuda_sqrt(func, *args, **kwargs)
         emulated = _emulated_overload(func)
         if emulated is None:
             return func(*args, **kwargs)

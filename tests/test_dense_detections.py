@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torchvision.models.detection import fcos as tv_fcos
 from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection import ssd as tv_ssd
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
@@ -64,10 +65,10 @@ class Scene:
 
     def reference(self, **settings):
         """The reference's detections as the operator computes them on this device: on the emulated CUDA device,
-        each sigmoid alone and the deltas divided by the weights as CUDA divides."""
+        each sigmoid alone, the deltas divided by the weights as CUDA divides, square roots correctly rounded."""
         settings = dict(DEFAULTS, **settings)
         if emulated():
-            settings.update(sigmoid=one_by_one_sigmoid, decode=cuda_decode)
+            settings.update(sigmoid=one_by_one_sigmoid, decode=cuda_decode, sqrt=emulator.cuda_sqrt)
         with cpu_kernels():
             return reference.dense_detections(self.logits, self.deltas, self.anchors, self.image_sizes,
                                               self.num_anchors_per_level, **settings)
@@ -194,6 +195,10 @@ def torchvision_retinanet(num_classes, **settings):
     return tv_retinanet.RetinaNet(NoBackbone(), num_classes, head=nn.Identity(), **settings).eval()
 
 
+def torchvision_fcos(num_classes, **settings):
+    return tv_fcos.FCOS(NoBackbone(), num_classes, head=nn.Identity(), **settings).eval()
+
+
 def torchvision_ssd(num_classes, **settings):
     backbone = NoBackbone()
     backbone.out_channels = [8, 8, 8]
@@ -212,6 +217,31 @@ def retinanet_detections(model, scene):
     return [d["boxes"] for d in detections], [d["scores"] for d in detections], [d["labels"] for d in detections]
 
 
+def fcos_detections(model, scene):
+    """FCOS.postprocess_detections on the scene's head outputs (its centerness too), split by level."""
+    levels = scene.num_anchors_per_level
+    head_outputs = {"cls_logits": list(scene.logits.split(levels, dim=1)),
+                    "bbox_regression": list(scene.deltas.split(levels, dim=1)),
+                    "bbox_ctrness": list(scene.centerness.unsqueeze(2).split(levels, dim=1))}
+    anchors = [list(a.split(levels)) for a in scene.anchors]
+    with torch.no_grad(), torchvision_on_the_device():
+        detections = model.postprocess_detections(head_outputs, anchors, scene.image_sizes)
+    return [d["boxes"] for d in detections], [d["scores"] for d in detections], [d["labels"] for d in detections]
+
+
+def with_centerness(scene, seed=0):
+    """FCOS's head outputs: centerness logits per anchor, and distances to the sides as deltas."""
+    g = torch.Generator().manual_seed(seed + 3000)
+    scene.centerness = (torch.randn(scene.logits.shape[:2], generator=g) * 2).to(scene.logits)
+    scene.deltas = scene.deltas.abs()
+    return scene
+
+
+def fcos_settings(model, scene):
+    return dict(score_thresh=model.score_thresh, topk_candidates=model.topk_candidates, nms_thresh=model.nms_thresh,
+                detections_per_img=model.detections_per_img, centerness=scene.centerness, box_coding="linear")
+
+
 def ssd_detections(model, scene):
     head_outputs = {"cls_logits": scene.logits, "bbox_regression": scene.deltas}
     with torch.no_grad(), torchvision_on_the_device():
@@ -222,7 +252,7 @@ def ssd_detections(model, scene):
 def torchvision_on_the_device():
     """torchvision as it computes on the device: on the emulated one, its sigmoid as on a GPU (its division by the
     box coder's weights follows CUDA there anyway)."""
-    return emulator.sigmoid_as_on_cuda() if emulated() else cpu_kernels()
+    return emulator.scores_as_on_cuda() if emulated() else cpu_kernels()
 
 
 def retinanet_settings(model):
@@ -307,6 +337,18 @@ def test_reference_is_torchvisions_ssd_to_the_bit(settings):
     assert_same_detections(got, expected)
 
 
+@pytest.mark.parametrize("settings", [{}, dict(topk_candidates=15, detections_per_img=20, score_thresh=0.3)],
+                         ids=["defaults", "cuts"])
+def test_reference_is_torchvisions_fcos_to_the_bit(settings):
+    model = torchvision_fcos(4, **settings)
+    scene = with_centerness(retinanet_scene(model, 4, image_size=(96, 128), seed=17), seed=17)
+    expected = fcos_detections(model, scene)
+    got = reference.dense_detections(scene.logits, scene.deltas, scene.anchors, scene.image_sizes,
+                                     scene.num_anchors_per_level, **fcos_settings(model, scene))
+    assert all(len(scores) > 10 and len(scores.unique()) == len(scores) for scores in expected[1])
+    assert_same_detections(got, expected)
+
+
 def test_reference_with_ties_is_torchvisions_up_to_their_order():
     model = torchvision_retinanet(5)
     scene = spaced_ties(retinanet_scene(model, 5), "sigmoid", 13)
@@ -367,6 +409,30 @@ def test_detections_are_the_references(device, activation, topk_per, peaked):
             assert min(counts) > 4, (name, counts)
         if peaked and name == "defaults":
             assert all((scores == 1.0).sum() > 20 for scores in got[1])
+
+
+@pytest.mark.parametrize("peaked", [False, True], ids=["random", "peaked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fcos_detections_are_the_references(device, peaked, dtype):
+    """FCOS's scores sqrt(sigmoid(class) * sigmoid(centerness)) and BoxLinearCoder's decode, every setting (the
+    threshold also at an exact score, whose square bounds the class scores' scan); peaked: scores exactly 1.0."""
+    scene = with_centerness(grid_scene(device=device, seed=18, dtype=dtype), seed=18)
+    if peaked:
+        scene.saturate()
+        scene.centerness[:, ::2] = 40.0
+    at_a_score = float(scene.reference(score_thresh=0.0, centerness=scene.centerness)[1][0][40])
+    for name, settings in dict(SETTINGS, threshold_at_a_score=dict(score_thresh=at_a_score)).items():
+        if "weights" in settings:
+            continue
+        for coding in ("linear", "deltas"):
+            settings = dict(settings, centerness=scene.centerness, box_coding=coding)
+            got = scene.ours(**settings)
+            assert_same_detections(got, scene.reference(**settings))
+            if name == "defaults":
+                assert min(len(scores) for scores in got[1]) > 20
+                assert not peaked or all((scores == 1.0).sum() > 10 for scores in got[1])
+    settings = dict(centerness=scene.centerness.unsqueeze(2), box_coding="linear")  # [B, A, 1], as FCOS's head
+    assert_same_detections(scene.ours(**settings), scene.reference(**settings))
 
 
 @pytest.mark.parametrize("activation, topk_per", KINDS[:3], ids=["-".join(kind) for kind in KINDS[:3]])
@@ -528,6 +594,16 @@ def test_detections_are_torchvisions_ssd(device):
     assert_same_detections(scene.ours(**ssd_settings(model)), ssd_detections(model, scene))
 
 
+def test_detections_are_torchvisions_fcos(device):
+    model = torchvision_fcos(3)
+    scene = with_centerness(retinanet_scene(model, 3, image_size=(96, 128), device=device, seed=19), seed=19)
+    expected = fcos_detections(model, scene)
+    assert all(len(scores) > 10 and len(scores.unique()) == len(scores) for scores in expected[1])
+    assert_same_detections(scene.ours(**fcos_settings(model, scene)), expected)
+    model.topk_candidates, model.detections_per_img = 10, 12
+    assert_same_detections(scene.ours(**fcos_settings(model, scene)), fcos_detections(model, scene))
+
+
 def test_detections_take_the_sigmoid_per_level_as_torchvision(device):
     """Levels of small odd sizes, where torch.sigmoid's CPU bits differ from those of one call per image."""
     model = torchvision_retinanet(3, nms_thresh=1.0, detections_per_img=10_000)
@@ -561,6 +637,8 @@ def test_opcheck(device):
     spec = (torch.cat(grid.cell_anchors), [len(c) for c in grid.cell_anchors],
             [s for size in grid.grid_sizes for s in size], [s for stride in grid.strides for s in stride])
     torch.library.opcheck(torch.ops.rpn_ops.dense_detections.default, _op_args(scene, []) + spec)
+    torch.library.opcheck(torch.ops.rpn_ops.dense_detections.default, _op_args(scene),
+                          dict(centerness=scene.logits[..., 0].clone(), box_coding="linear"))
 
 
 @compiles
@@ -628,6 +706,13 @@ def _bad(scene, **change):
     (lambda s: dict(anchors=s.anchors * 2), ValueError, "one per image"),
     (lambda s: dict(anchors="anchors"), TypeError, "anchors must be a tensor"),
     (lambda s: dict(image_sizes=[(48, 64), (48,)]), ValueError, "must be a pair"),
+    (lambda s: dict(box_coding="ltrb"), ValueError, "box_coding must be \"deltas\" or \"linear\""),
+    (lambda s: dict(centerness=s.logits[..., 0], activation="softmax"), ValueError,
+     "centerness goes with activation=\"sigmoid\""),
+    (lambda s: dict(centerness=s.logits[:, 1:, 0]), RuntimeError, r"centerness must have shape \[B, A\] or"),
+    (lambda s: dict(centerness=s.logits[..., :2]), RuntimeError, "centerness must have shape"),
+    (lambda s: dict(centerness=s.logits[..., 0].double()), TypeError, "centerness must have the dtype of class_logits"),
+    (lambda s: dict(centerness=[1.0]), TypeError, "centerness must be a tensor or None"),
 ])
 def test_bad_input_raises_a_clear_error(device, change, error, message):
     scene = grid_scene(device=device)

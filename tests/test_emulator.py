@@ -145,6 +145,8 @@ def every_op_once():
                              topk_candidates=30, detections_per_img=20)
     rpn_ops.dense_detections(class_logits.double(), box_regression.double(), grid, images.image_sizes,
                              num_anchors_per_level, padded=True, activation="softmax", topk_per="class")
+    rpn_ops.dense_detections(class_logits, box_regression.abs(), anchors, images.image_sizes, num_anchors_per_level,
+                             centerness=class_logits[..., 0], box_coding="linear")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -37,7 +37,7 @@ def _retinanet(version="v1", device="cpu", seed=0, peaked=False):
 
 def torchvision_on_the_device():
     """torchvision's model as it computes on the device: on the emulated one, its sigmoid as on a GPU."""
-    return emulator.sigmoid_as_on_cuda() if emulated() else contextlib.nullcontext()
+    return emulator.scores_as_on_cuda() if emulated() else contextlib.nullcontext()
 
 
 def _pair(version="v1", device="cpu", peaked=False, **patch_options):

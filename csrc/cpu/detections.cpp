@@ -1,7 +1,7 @@
 // dense_detections on the CPU (what it computes: ../detections.h), image by image:
 //  1. candidates: sigmoid scores above the threshold by score_candidates, level by level (its scan skips the logits
-//     that cannot pass and gives torch.sigmoid's bits for that level's tensor, as torchvision computes them); softmax
-//     scores by PyTorch's softmax, then one scan;
+//     that cannot pass and gives torch.sigmoid's bits for that level's tensor, as torchvision computes them; FCOS's
+//     scores from those above the square of the threshold); softmax scores by PyTorch's softmax, then one scan;
 //  2. each group's best topk_candidates by a partial sort (nth_element, then a sort of those kept);
 //  3. decode of the kept candidates only (the decode_boxes kernel), clip, then batched NMS that stops at
 //     detections_per_img.
@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "../box_math.h"
@@ -48,10 +49,40 @@ std::tuple<at::Tensor, at::Tensor> level_candidates(const at::Tensor& logits, do
   return op.call(logits, score_thresh);
 }
 
+// The level's candidates under FCOS's score sqrt(sigmoid(class) * sigmoid(centerness)): (score, flat index within
+// the level). sqrt(s * c) > t needs s > t^2 (c <= 1, and rounding only lowers a product of factors <= 1), so
+// score_candidates finds the class scores above a bound a little under t^2 (with torchvision's bits); the centerness'
+// sigmoid of the whole level gives torchvision's bits there too, and PyTorch's sqrt of the products its own (its
+// contiguous sqrt computes every element with one vectorised function).
+template <typename S>
+std::vector<std::pair<double, int64_t>> centered_candidates(const at::Tensor& logits, const at::Tensor& centerness,
+                                                            int64_t classes, double score_thresh) {
+  const double bound = score_thresh > 0 && score_thresh < 1 ? score_thresh * score_thresh * (1 - 1e-5) : score_thresh;
+  const auto [scores, indices] = level_candidates(logits, bound);
+  const at::Tensor center_scores = at::sigmoid(centerness);
+  const S* s = scores.data_ptr<S>();
+  const S* c = center_scores.data_ptr<S>();
+  const int64_t* index = indices.data_ptr<int64_t>();
+  at::Tensor products = at::empty({indices.numel()}, scores.options());
+  for (int64_t j = 0; j < indices.numel(); ++j) {
+    products.data_ptr<S>()[j] = centered_product(s[j], c[index[j] / classes]);
+  }
+  const at::Tensor roots = at::sqrt(products);
+  const S* root = roots.data_ptr<S>();
+  const opmath_t<S> threshold = static_cast<opmath_t<S>>(to<S>(score_thresh));
+  std::vector<std::pair<double, int64_t>> found;
+  for (int64_t j = 0; j < indices.numel(); ++j) {
+    if (static_cast<opmath_t<S>>(root[j]) > threshold) found.emplace_back(static_cast<double>(root[j]), index[j]);
+  }
+  return found;
+}
+
 // One image's candidates by group (levels or classes), each in position order. `logits`: the image's [A, C]
-// class logits; `probabilities`: its softmax, for that activation.
+// class logits; `probabilities`: its softmax, for that activation; `centerness`: its [A] centerness logits, for
+// FCOS's scores.
 std::vector<std::vector<Candidate>> image_candidates(const at::Tensor& logits, const at::Tensor& probabilities,
-                                                     const DetectionLayout& layout, double score_thresh) {
+                                                     const at::Tensor& centerness, const DetectionLayout& layout,
+                                                     double score_thresh) {
   const int64_t classes = layout.classes, first_class = layout.first_class();
   std::vector<std::vector<Candidate>> groups(layout.groups());
   auto add = [&](int64_t level, double score, int64_t flat) {
@@ -64,6 +95,16 @@ std::vector<std::vector<Candidate>> image_candidates(const at::Tensor& logits, c
   };
   for (int64_t l = 0; l < layout.levels(); ++l) {
     const int64_t first_flat = layout.first_anchor[l] * classes;
+    if (layout.centered) {
+      visit_float_type(logits.scalar_type(), [&](auto tag) {
+        using S = typename decltype(tag)::type;
+        const auto found = centered_candidates<S>(logits.narrow(0, layout.first_anchor[l], layout.level_anchors[l]),
+                                                  centerness.narrow(0, layout.first_anchor[l], layout.level_anchors[l]),
+                                                  classes, score_thresh);
+        for (const auto& [score, index] : found) add(l, score, first_flat + index);
+      });
+      continue;
+    }
     if (layout.activation == Activation::kSigmoid) {
       const at::Tensor level_logits = logits.narrow(0, layout.first_anchor[l], layout.level_anchors[l]);
       const auto [scores, indices] = level_candidates(level_logits, score_thresh);
@@ -106,6 +147,19 @@ at::Tensor candidate_anchors(at::TensorList anchors, const std::optional<at::Ten
   return out;
 }
 
+// [N, 4] codes decoded against [N, 4] boxes of their dtype by BoxLinearCoder's rule (decode_linear).
+at::Tensor decode_linear_boxes(const at::Tensor& codes, const at::Tensor& boxes) {
+  const at::Tensor c = codes.contiguous(), b = boxes.contiguous();
+  at::Tensor out = at::empty_like(c);
+  visit_float_type(c.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int64_t i = 0; i < c.size(0); ++i) {
+      decode_linear(c.data_ptr<T>() + 4 * i, b.data_ptr<T>() + 4 * i, out.data_ptr<T>() + 4 * i);
+    }
+  });
+  return out;
+}
+
 // One image's detections from its kept candidates (in group order), written to the first rows of its outputs;
 // returns how many.
 int64_t image_detections(const std::vector<Candidate>& kept, const at::Tensor& box_regression, at::TensorList anchors,
@@ -127,7 +181,9 @@ int64_t image_detections(const std::vector<Candidate>& kept, const at::Tensor& b
   const at::Tensor codes = box_regression.index_select(0, anchor_index);
   const at::Tensor candidate_boxes =
       candidate_anchors(anchors, cell_anchors, image, anchor_index, layout).to(codes.scalar_type());
-  at::Tensor boxes = decode_detections(codes, candidate_boxes, weights, bbox_xform_clip);
+  at::Tensor boxes = layout.coding == BoxCoding::kLinear
+                         ? decode_linear_boxes(codes, candidate_boxes)
+                         : decode_detections(codes, candidate_boxes, weights, bbox_xform_clip);
   // torchvision's clip_boxes_to_image: x within [0, width], y within [0, height].
   boxes.select(1, 0).clamp_(0, layout.widths[image]), boxes.select(1, 2).clamp_(0, layout.widths[image]);
   boxes.select(1, 1).clamp_(0, layout.heights[image]), boxes.select(1, 3).clamp_(0, layout.heights[image]);
@@ -144,11 +200,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
     at::IntArrayRef image_sizes, at::IntArrayRef num_anchors_per_level, double score_thresh, int64_t topk_candidates,
     double nms_thresh, int64_t detections_per_img, at::ArrayRef<double> weights, double bbox_xform_clip,
     c10::string_view activation, c10::string_view topk_per, const std::optional<at::Tensor>& cell_anchors,
-    at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
+    at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+    const std::optional<at::Tensor>& centerness, c10::string_view box_coding) {
   const DetectionLayout layout = check_detection_inputs(
       class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh, topk_candidates,
       nms_thresh, detections_per_img, weights, bbox_xform_clip, activation, topk_per, cell_anchors, cells_per_level,
-      grid_sizes, strides);
+      grid_sizes, strides, centerness, box_coding);
   auto [out_boxes, out_scores, out_labels, counts] = empty_detections(class_logits, box_regression, layout);
   if (layout.detections == 0 || layout.anchors == 0 || layout.classes == 0) {
     return {out_boxes, out_scores, out_labels, counts};
@@ -159,10 +216,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
       layout.activation == Activation::kSoftmax ? at::softmax(logits, -1) : at::Tensor();
   // Sigmoid candidates: score_candidates shares each level's scan among the threads, image after image. Then the
   // images in parallel: softmax candidates, top-k, decode, NMS.
+  const at::Tensor center_logits = layout.centered ? centerness_logits(*centerness) : at::Tensor();
   std::vector<std::vector<std::vector<Candidate>>> groups(layout.images);
   auto candidates_of = [&](int64_t b) {
-    groups[b] = image_candidates(logits[b], probabilities.defined() ? probabilities[b] : at::Tensor(), layout,
-                                 score_thresh);
+    groups[b] = image_candidates(logits[b], probabilities.defined() ? probabilities[b] : at::Tensor(),
+                                 layout.centered ? center_logits[b] : at::Tensor(), layout, score_thresh);
   };
   if (layout.activation == Activation::kSigmoid) {
     for (int64_t b = 0; b < layout.images; ++b) candidates_of(b);

@@ -1,12 +1,12 @@
 // dense_detections on CUDA (what it computes: ../detections.h), the batch at once and with no host
 // synchronisation:
-//  1. scores: the sigmoid of every logit (computed here, as torch.sigmoid's CUDA kernel computes each element), or
-//     PyTorch's softmax;
+//  1. scores: the sigmoid of every logit (computed here, as torch.sigmoid's CUDA kernel computes each element; with
+//     centerness, FCOS's sqrt(sigmoid(class) * sigmoid(centerness))), or PyTorch's softmax;
 //  2. per group set (a level's [B, A_l * C] scores, or all classes' [B, C, A] at once), keys that pack the score's
 //     descending_key with the position (kNoCandidate below the threshold), and one at::topk: each group's best
 //     topk_candidates, equal scores lower position first (float64 scores: a stable sort of the masked scores);
 //  3. every image's candidates in group order, stably sorted by descending score (the candidates that did not pass
-//     last), their deltas decoded against their anchors (the decode_boxes kernel) and clipped;
+//     last), their deltas decoded against their anchors (the decode_boxes kernel, or decode_linear) and clipped;
 //  4. NMS of every image at once (postprocess.cuh: per-category masks, one walk per image stopping at
 //     detections_per_img), then the kept rows copied to the padded outputs.
 #include <ATen/ATen.h>
@@ -36,6 +36,28 @@ __global__ void sigmoid_kernel(const S* __restrict__ logits, int64_t count, S* _
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     scores[i] = static_cast<S>(sigmoid_of(static_cast<opmath_t<S>>(logits[i])));
+  }
+}
+
+// FCOS's scores of [rows, classes] logits with one centerness logit per row.
+template <typename S>
+__global__ void centered_scores_kernel(const S* __restrict__ logits, const S* __restrict__ centerness, int64_t rows,
+                                       int64_t classes, S* __restrict__ scores) {
+  using A = opmath_t<S>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * classes;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const S class_score = static_cast<S>(sigmoid_of(static_cast<A>(logits[i])));
+    const S center_score = static_cast<S>(sigmoid_of(static_cast<A>(centerness[i / classes])));
+    scores[i] = static_cast<S>(sqrt(static_cast<A>(centered_product(class_score, center_score))));
+  }
+}
+
+template <typename T>
+__global__ void linear_decode_kernel(const T* __restrict__ codes, const T* __restrict__ boxes, int64_t count,
+                                     T* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    decode_linear(codes + 4 * i, boxes + 4 * i, out + 4 * i);
   }
 }
 
@@ -139,15 +161,33 @@ __global__ void gather_kept_kernel(const S* __restrict__ boxes, const O* __restr
   }
 }
 
-at::Tensor activation_scores(const at::Tensor& logits, Activation activation) {
+// logits: [B, A, C], contiguous; centerness: [B, A] contiguous, for FCOS's scores.
+at::Tensor activation_scores(const at::Tensor& logits, const at::Tensor& centerness, Activation activation) {
   if (activation == Activation::kSoftmax) return at::softmax(logits, -1);
   at::Tensor scores = at::empty_like(logits);
   visit_float_type(logits.scalar_type(), [&](auto tag) {
     using S = typename decltype(tag)::type;
-    launch<sigmoid_kernel<S>>(blocks_for(logits.numel()), kThreads, 0, logits.data_ptr<S>(), logits.numel(),
-                              scores.data_ptr<S>());
+    if (centerness.defined()) {
+      launch<centered_scores_kernel<S>>(blocks_for(logits.numel()), kThreads, 0, logits.data_ptr<S>(),
+                                        centerness.data_ptr<S>(), logits.size(0) * logits.size(1), logits.size(2),
+                                        scores.data_ptr<S>());
+    } else {
+      launch<sigmoid_kernel<S>>(blocks_for(logits.numel()), kThreads, 0, logits.data_ptr<S>(), logits.numel(),
+                                scores.data_ptr<S>());
+    }
   });
   return scores;
+}
+
+at::Tensor decode_linear_boxes(const at::Tensor& codes, const at::Tensor& boxes) {
+  const at::Tensor c = codes.contiguous(), b = boxes.contiguous();
+  at::Tensor out = at::empty_like(c);
+  visit_float_type(c.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch<linear_decode_kernel<T>>(blocks_for(c.size(0)), kThreads, 0, c.data_ptr<T>(), b.data_ptr<T>(), c.size(0),
+                                    out.data_ptr<T>());
+  });
+  return out;
 }
 
 // Every image's candidates in group order: [B, N] flat indices (anchor * C + class) and whether each is one.
@@ -189,11 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
     at::IntArrayRef image_sizes, at::IntArrayRef num_anchors_per_level, double score_thresh, int64_t topk_candidates,
     double nms_thresh, int64_t detections_per_img, at::ArrayRef<double> weights, double bbox_xform_clip,
     c10::string_view activation, c10::string_view topk_per, const std::optional<at::Tensor>& cell_anchors,
-    at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
+    at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+    const std::optional<at::Tensor>& centerness, c10::string_view box_coding) {
   const DetectionLayout layout = check_detection_inputs(
       class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh, topk_candidates,
       nms_thresh, detections_per_img, weights, bbox_xform_clip, activation, topk_per, cell_anchors, cells_per_level,
-      grid_sizes, strides);
+      grid_sizes, strides, centerness, box_coding);
   TORCH_CHECK_VALUE(layout.levels() <= kMaxLevels || !cell_anchors.has_value(), "dense_detections on CUDA supports ",
                     "at most ", kMaxLevels, " levels of an anchor specification, got ", layout.levels());
   const DeviceGuard guard(class_logits.device());
@@ -202,7 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
   if (images == 0 || layout.detections == 0 || layout.anchors == 0 || classes == 0) {
     return {out_boxes, out_scores, out_labels, counts};
   }
-  const at::Tensor scores = activation_scores(class_logits.contiguous(), layout.activation);
+  const at::Tensor scores = activation_scores(
+      class_logits.contiguous(), layout.centered ? centerness_logits(*centerness) : at::Tensor(), layout.activation);
   const auto [grouped_flat, grouped_valid] = group_candidates(scores, layout, score_thresh);
   const int64_t candidates = grouped_flat.size(1);
   if (candidates == 0) return {out_boxes, out_scores, out_labels, counts};
@@ -239,7 +281,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
   } else {
     candidate_anchors = at::stack(anchors).reshape({images * layout.anchors, 4}).index_select(0, rows);
   }
-  at::Tensor boxes = decode_detections(codes, candidate_anchors.to(codes.scalar_type()), weights, bbox_xform_clip);
+  const at::Tensor reference_boxes = candidate_anchors.to(codes.scalar_type());
+  at::Tensor boxes = layout.coding == BoxCoding::kLinear
+                         ? decode_linear_boxes(codes, reference_boxes)
+                         : decode_detections(codes, reference_boxes, weights, bbox_xform_clip);
   visit_float_type(boxes.scalar_type(), [&](auto tag) {
     using S = typename decltype(tag)::type;
     for (int64_t first = 0; first < images; first += kImagesPerLaunch) {
