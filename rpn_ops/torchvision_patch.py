@@ -436,6 +436,23 @@ class RetinaNet(tv_retinanet.RetinaNet):
                                  [_joined(a, 0) for a in anchors], per_level, image_shapes, "sigmoid", "level")
 
 
+def _centered_candidates(logits: Tensor, centerness: Tensor, score_thresh: float) -> Tuple[Tensor, Tensor]:
+    """FCOS's candidates of one image's level as torchvision finds them: the scores of
+    ``torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(centerness)).flatten()`` above ``score_thresh`` and their flat
+    indices, the same tensors to the bit, without the product of every pair. ``sqrt(s * c) > t`` needs ``s > t^2``
+    (``c <= 1``), so :func:`rpn_ops.score_candidates` finds the class scores above a bound under ``t^2`` (by more than
+    the dtype's roundings), and only those are multiplied and rooted (PyTorch's sqrt computes each element alike)."""
+    bound = score_thresh
+    if score_thresh > 0.0 and score_thresh < 1.0:
+        margin = 5e-2 if logits.element_size() == 2 else 1e-5
+        bound = score_thresh * score_thresh * (1.0 - margin)
+    class_scores, indices = score_candidates(logits, bound)
+    center_scores = torch.sigmoid(centerness).flatten()
+    scores = torch.sqrt(class_scores * center_scores[torch.div(indices, logits.shape[-1], rounding_mode="floor")])
+    keep = scores > score_thresh
+    return scores[keep], indices[keep]
+
+
 def _class_candidates(boxes: Tensor, scores: Tensor, score_thresh: float, topk_candidates: int
                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """SSD's candidates of one image, as torchvision's loop over the classes gives them: for each class from 1,
@@ -633,11 +650,8 @@ class FCOS(tv_fcos.FCOS):
                     [cl[index] for cl in head_outputs["cls_logits"]],
                     [bc[index] for bc in head_outputs["bbox_ctrness"]], anchors[index]):
                 num_classes = logits_per_level.shape[-1]
-                scores_per_level = torch.sqrt(
-                    torch.sigmoid(logits_per_level) * torch.sigmoid(box_ctrness_per_level)).flatten()
-                keep_idxs = scores_per_level > self.score_thresh
-                scores_per_level = scores_per_level[keep_idxs]
-                topk_idxs = torch.where(keep_idxs)[0]
+                scores_per_level, topk_idxs = _centered_candidates(logits_per_level, box_ctrness_per_level,
+                                                                   self.score_thresh)
                 num_topk = tv_det_utils._topk_min(topk_idxs, self.topk_candidates, 0)
                 scores_per_level, idxs = scores_per_level.topk(num_topk)
                 topk_idxs = topk_idxs[idxs]

@@ -285,15 +285,13 @@ def cuda_dense_detections(class_logits, box_regression, anchors, image_sizes, nu
 
 def _cpu_twin(func, args, kwargs):
     """What computes the CUDA kernel's answer on the CPU: the CPU kernel, except where the two differ by design."""
+    twin = None
     if func._schema.name.endswith("::dense_detections"):
-        _, error = _call(func, args, kwargs)
-        if error is None:
-            return cuda_dense_detections, args, kwargs
-    if func._schema.name.endswith("::score_candidates"):
-        logits, score_thresh = args
-        threshold = torch.tensor(score_thresh, dtype=logits.dtype).item() if logits.is_floating_point() else 0.0
-        if logits.dtype in (torch.float32, torch.float64) and 0.0 < threshold < 1.0:
-            return one_by_one_sigmoid_candidates, args, kwargs
+        twin = cuda_dense_detections
+    elif func._schema.name.endswith("::score_candidates") and args[0].dtype in (torch.float32, torch.float64):
+        twin = one_by_one_sigmoid_candidates
+    if twin is not None and _call(func, args, kwargs)[1] is None:  # bad input: the CPU kernel's error
+        return twin, args, kwargs
     return (func, *_cpu_twin_call(func, args, kwargs))
 
 

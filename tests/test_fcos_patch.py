@@ -11,6 +11,7 @@ from torchvision.models.detection import fcos_resnet50_fpn
 
 import rpn_ops
 from rpn_ops import workloads
+from rpn_ops.torchvision_patch import _centered_candidates
 from test_one_stage_patch import assert_same_training_steps, torchvision_on_the_device
 from test_torchvision_patch import _images, assert_equal_detections, assert_same_detections_up_to_ties
 
@@ -104,14 +105,33 @@ def _pair(device="cpu", peaked=False, **patch_options):
 
 @pytest.mark.parametrize("peaked", [False, True])
 def test_detections_are_torchvisions_to_the_bit(device, peaked):
+    """Scores found by score_candidates from the threshold's square (no product of every pair), on the emulated
+    device with the sigmoid and sqrt of CUDA for both models, as on a GPU."""
     model, patched = _pair(device, peaked)
     images = _images(device, sizes=((160, 220), (150, 200)))
-    with torch.no_grad():
+    with torch.no_grad(), torchvision_on_the_device():
         expected, got = model(images), patched(images)
     assert all(len(d["boxes"]) > 20 for d in expected)
     if peaked:
         assert all((d["scores"] == 1.0).sum() > 10 for d in expected)
     assert_equal_detections(expected, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_centered_candidates_are_torchvisions_steps(device, dtype):
+    """The patched FCOS's candidates (class scores above the threshold's square first) are torchvision's kept scores
+    and indices to the bit, for every dtype (half precision rounds each step coarsely) and threshold: one at an
+    exact score, 0, below 0, 1."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3000, 7, generator=g) * 2 - 2).to(dtype).to(device)
+    centerness = (torch.randn(3000, 1, generator=g) * 2).to(dtype).to(device)
+    with torchvision_on_the_device():
+        scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(centerness)).flatten()
+        for thresh in (0.2, 0.05, float(scores.sort().values[-100]), 0.0, -1.0, 1.0):
+            keep = scores > thresh
+            got = _centered_candidates(logits, centerness, thresh)
+            assert torch.equal(got[1], torch.where(keep)[0]) and torch.equal(got[0], scores[keep]), thresh
+            assert len(got[0]) > 50 or thresh == 1.0
 
 
 def test_the_fused_form_gives_the_same_detections_up_to_the_order_of_ties(device):
@@ -120,9 +140,8 @@ def test_the_fused_form_gives_the_same_detections_up_to_the_order_of_ties(device
     reference."""
     model, patched = _pair(device, torchvision_tie_order=False)
     images = _images(device, sizes=((160, 220),))
-    with torch.no_grad():
-        with torchvision_on_the_device():
-            expected = model(images)
+    with torch.no_grad(), torchvision_on_the_device():
+        expected = model(images)
         assert sum(len(d["scores"]) for d in expected) > 20
         assert_same_detections_up_to_ties(expected, patched(images))
 

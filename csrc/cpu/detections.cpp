@@ -57,7 +57,9 @@ std::tuple<at::Tensor, at::Tensor> level_candidates(const at::Tensor& logits, do
 template <typename S>
 std::vector<std::pair<double, int64_t>> centered_candidates(const at::Tensor& logits, const at::Tensor& centerness,
                                                             int64_t classes, double score_thresh) {
-  const double bound = score_thresh > 0 && score_thresh < 1 ? score_thresh * score_thresh * (1 - 1e-5) : score_thresh;
+  // Below the bound by more than the roundings of S can make up (float16 / bfloat16: 2^-11 / 2^-8 per step).
+  const double margin = sizeof(S) == 2 ? 5e-2 : 1e-5;
+  const double bound = score_thresh > 0 && score_thresh < 1 ? score_thresh * score_thresh * (1 - margin) : score_thresh;
   const auto [scores, indices] = level_candidates(logits, bound);
   const at::Tensor center_scores = at::sigmoid(centerness);
   const S* s = scores.data_ptr<S>();

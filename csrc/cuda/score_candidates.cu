@@ -1,6 +1,7 @@
-// score_candidates on CUDA (what it computes: ../score_candidates.h): the logits above the candidate bound,
-// then the sigmoid of those alone, computed as torch.sigmoid's CUDA kernel computes every element (the same
-// bits wherever the element lies), then the threshold.
+// score_candidates on CUDA (what it computes: ../score_candidates.h): the logits above the candidate bound (all of
+// them for a threshold outside (0, 1)), then the sigmoid of those alone, computed as torch.sigmoid's CUDA kernel
+// computes every element (the same bits wherever the element lies), then the threshold. float16 / bfloat16:
+// torchvision's steps.
 #include <ATen/ATen.h>
 
 #include "../score_candidates.h"
@@ -22,9 +23,12 @@ std::tuple<at::Tensor, at::Tensor> score_candidates(const at::Tensor& logits, do
   check_score_candidates_input(logits, score_thresh);
   const DeviceGuard guard(logits.device());
   const CandidateBound bound = candidate_bound(logits.scalar_type(), score_thresh);
-  if (!bound.fast) return score_candidates_by_sigmoid(logits, score_thresh);
+  const bool computed_here = logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble;
+  if (!computed_here) return score_candidates_by_sigmoid(logits, score_thresh);
   const at::Tensor flat = logits.contiguous().view(-1);
-  const at::Tensor indices = at::nonzero(flat > bound.lower).squeeze(1);
+  // A threshold outside (0, 1) bounds nothing: every logit is a candidate.
+  const at::Tensor indices = bound.fast ? at::nonzero(flat > bound.lower).squeeze(1)
+                                        : at::arange(flat.numel(), flat.options().dtype(at::kLong));
   const int64_t count = indices.numel();
   at::Tensor scores = at::empty({count}, flat.options());
   if (count > 0) {
