@@ -3,8 +3,8 @@
 //     that cannot pass and gives torch.sigmoid's bits for that level's tensor, as torchvision computes them; FCOS's
 //     scores from those above the square of the threshold); softmax scores by PyTorch's softmax, then one scan;
 //  2. each group's best topk_candidates by a partial sort (nth_element, then a sort of those kept);
-//  3. decode of the kept candidates only (the decode_boxes kernel), clip, then batched NMS that stops at
-//     detections_per_img.
+//  3. decode of the kept candidates only (the decode_boxes kernel, or decode_linear), clip, then batched NMS that
+//     stops at detections_per_img.
 // Steps 2 and 3, and softmax's scan, run for the images in parallel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
