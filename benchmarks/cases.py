@@ -439,6 +439,18 @@ def _detections(per_image: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
     return [t for d in per_image for t in (d["boxes"], d["scores"], d["labels"])]
 
 
+def _dense_detections(*args, **kwargs) -> List[torch.Tensor]:
+    """rpn_ops.dense_detections' lists as one flat list, in _detections' order."""
+    return [t for image in zip(*rpn_ops.dense_detections(*args, **kwargs)) for t in image]
+
+
+def _postprocess_by_level(model, head_outputs: Dict[str, torch.Tensor], anchors, image_sizes, per_level):
+    """model.postprocess_detections of [B, A, ...] head outputs split by level, as RetinaNet's and FCOS's forward
+    split them, as one flat list."""
+    split = {key: list(value.split(per_level, 1)) for key, value in head_outputs.items()}
+    return _detections(model.postprocess_detections(split, [list(a.split(per_level)) for a in anchors], image_sizes))
+
+
 def dense_retinanet_workload(num_images: int, devices=("cpu", "cuda")) -> Workload:
     """torchvision: RetinaNet.postprocess_detections (as shipped) on its head outputs, split by level as its forward
     splits them; ours: one rpn_ops.dense_detections call with the model's settings."""
@@ -446,17 +458,13 @@ def dense_retinanet_workload(num_images: int, devices=("cpu", "cuda")) -> Worklo
 
     def ours(class_logits, box_regression, anchors, image_sizes, per_level):
         model = _retinanets(class_logits.device)[1]
-        boxes, scores, labels = rpn_ops.dense_detections(
-            class_logits, box_regression, anchors, image_sizes, per_level, model.score_thresh,
-            model.topk_candidates, model.nms_thresh, model.detections_per_img)
-        return [t for image in zip(boxes, scores, labels) for t in image]
+        return _dense_detections(class_logits, box_regression, anchors, image_sizes, per_level, model.score_thresh,
+                                 model.topk_candidates, model.nms_thresh, model.detections_per_img)
 
     def theirs(class_logits, box_regression, anchors, image_sizes, per_level):
-        model = _retinanets(class_logits.device)[0]
-        head_outputs = {"cls_logits": list(class_logits.split(per_level, 1)),
-                        "bbox_regression": list(box_regression.split(per_level, 1))}
-        return _detections(model.postprocess_detections(head_outputs, [list(a.split(per_level)) for a in anchors],
-                                                        image_sizes))
+        head_outputs = {"cls_logits": class_logits, "bbox_regression": box_regression}
+        return _postprocess_by_level(_retinanets(class_logits.device)[0], head_outputs, anchors, image_sizes,
+                                     per_level)
 
     return Workload(
         f"dense-retinanet-{height}x{width}-b{num_images}", "dense_detections",
@@ -471,11 +479,10 @@ def dense_ssd_workload(name: str, num_images: int, devices=("cpu", "cuda")) -> W
 
     def ours(head_outputs, anchors, image_sizes):
         model = _ssds(name, head_outputs["cls_logits"].device)[1]
-        boxes, scores, labels = rpn_ops.dense_detections(
+        return _dense_detections(
             head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, image_sizes,
             [anchors[0].shape[0]], model.score_thresh, model.topk_candidates, model.nms_thresh,
             model.detections_per_img, model.box_coder.weights, activation="softmax", topk_per="class")
-        return [t for image in zip(boxes, scores, labels) for t in image]
 
     def theirs(head_outputs, anchors, image_sizes):
         return _detections(_ssds(name, head_outputs["cls_logits"].device)[0].postprocess_detections(
@@ -595,19 +602,13 @@ def dense_fcos_workload(num_images: int) -> Workload:
 
     def ours(class_logits, box_regression, centerness, anchors, image_sizes, per_level):
         model = _fcoses(class_logits.device)[1]
-        boxes, scores, labels = rpn_ops.dense_detections(
-            class_logits, box_regression, anchors, image_sizes, per_level, model.score_thresh,
-            model.topk_candidates, model.nms_thresh, model.detections_per_img, centerness=centerness,
-            box_coding="linear")
-        return [t for image in zip(boxes, scores, labels) for t in image]
+        return _dense_detections(class_logits, box_regression, anchors, image_sizes, per_level, model.score_thresh,
+                                 model.topk_candidates, model.nms_thresh, model.detections_per_img,
+                                 centerness=centerness, box_coding="linear")
 
     def theirs(class_logits, box_regression, centerness, anchors, image_sizes, per_level):
-        model = _fcoses(class_logits.device)[0]
-        head_outputs = {"cls_logits": list(class_logits.split(per_level, 1)),
-                        "bbox_regression": list(box_regression.split(per_level, 1)),
-                        "bbox_ctrness": list(centerness.split(per_level, 1))}
-        return _detections(model.postprocess_detections(head_outputs, [list(a.split(per_level)) for a in anchors],
-                                                        image_sizes))
+        head_outputs = {"cls_logits": class_logits, "bbox_regression": box_regression, "bbox_ctrness": centerness}
+        return _postprocess_by_level(_fcoses(class_logits.device)[0], head_outputs, anchors, image_sizes, per_level)
 
     return Workload(
         f"dense-fcos-{height}x{width}-b{num_images}", "dense_detections",

@@ -57,16 +57,9 @@ DetectionLayout check_detection_inputs(const at::Tensor& class_logits, const at:
   TORCH_CHECK_VALUE(!layout.centered || layout.activation == Activation::kSigmoid,
                     "centerness goes with activation=\"sigmoid\" (FCOS's scores), got \"", std::string(activation),
                     "\"");
-  TORCH_CHECK_VALUE(!num_anchors_per_level.empty(), "num_anchors_per_level must hold at least one level");
-  for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
-    const int64_t count = num_anchors_per_level[l];
-    TORCH_CHECK_VALUE(count >= 0, "num_anchors_per_level[", l, "] must be >= 0, got ", count);
-    TORCH_CHECK_VALUE(layout.anchors + count <= kMaxBoxes, "more than ", kMaxBoxes,
-                      " anchors per image are not supported");
-    layout.first_anchor.push_back(layout.anchors);
-    layout.level_anchors.push_back(count);
-    layout.anchors += count;
-  }
+  layout.first_anchor = check_levels(num_anchors_per_level);
+  layout.level_anchors.assign(num_anchors_per_level.begin(), num_anchors_per_level.end());
+  for (const int64_t count : layout.level_anchors) layout.anchors += count;
   TORCH_CHECK_VALUE(topk_candidates >= 0, "topk_candidates must be >= 0, got ", topk_candidates);
   TORCH_CHECK_VALUE(detections_per_img >= 0, "detections_per_img must be >= 0, got ", detections_per_img);
   layout.topk = topk_candidates;

@@ -64,6 +64,20 @@ std::tuple<std::vector<int64_t>, std::vector<int64_t>> check_image_sizes(at::Int
   return {heights, widths};
 }
 
+std::vector<int64_t> check_levels(at::IntArrayRef num_anchors_per_level) {
+  TORCH_CHECK_VALUE(!num_anchors_per_level.empty(), "num_anchors_per_level must hold at least one level");
+  std::vector<int64_t> first_anchor;
+  int64_t total = 0;
+  for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
+    const int64_t count = num_anchors_per_level[l];
+    TORCH_CHECK_VALUE(count >= 0, "num_anchors_per_level[", l, "] must be >= 0, got ", count);
+    TORCH_CHECK_VALUE(total + count <= kMaxBoxes, "more than ", kMaxBoxes, " anchors per image are not supported");
+    first_anchor.push_back(total);
+    total += count;
+  }
+  return first_anchor;
+}
+
 std::vector<AnchorLevel> check_anchor_source(at::TensorList anchors, const std::optional<at::Tensor>& cell_anchors,
                                              at::IntArrayRef cells_per_level, at::IntArrayRef grid_sizes,
                                              at::IntArrayRef strides, at::IntArrayRef num_anchors_per_level,
@@ -113,13 +127,9 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
   std::tie(layout.heights, layout.widths) = check_image_sizes(image_sizes);
   layout.images = static_cast<int64_t>(layout.heights.size());
   const int64_t images = layout.images;
-  TORCH_CHECK_VALUE(!num_anchors_per_level.empty(), "num_anchors_per_level must hold at least one level");
+  layout.first_anchor = check_levels(num_anchors_per_level);
   for (size_t l = 0; l < num_anchors_per_level.size(); ++l) {
     const int64_t count = num_anchors_per_level[l];
-    TORCH_CHECK_VALUE(count >= 0, "num_anchors_per_level[", l, "] must be >= 0, got ", count);
-    TORCH_CHECK_VALUE(layout.total_anchors + count <= kMaxBoxes, "more than ", kMaxBoxes,
-                      " anchors per image are not supported");
-    layout.first_anchor.push_back(layout.total_anchors);
     layout.anchors.push_back(count);
     layout.first_selected.push_back(layout.total_selected);
     layout.selected.push_back(std::min(count, std::max<int64_t>(pre_nms_top_n, 0)));

@@ -39,6 +39,10 @@ ProposalLayout check_proposal_inputs(const at::Tensor& objectness, const at::Ten
 // image_sizes as (height, width) pairs: the heights and the widths, each >= 0.
 std::tuple<std::vector<int64_t>, std::vector<int64_t>> check_image_sizes(at::IntArrayRef image_sizes);
 
+// num_anchors_per_level checked (at least one level, counts >= 0, at most kMaxBoxes anchors in all): each level's
+// first anchor within an image.
+std::vector<int64_t> check_levels(at::IntArrayRef num_anchors_per_level);
+
 // Where the anchors of `images` images come from, checked against num_anchors_per_level (A per image in all):
 // one [A, 4] tensor for all images, one per image, or no tensor and the specification (cell_anchors ... strides,
 // as grid_anchors takes it), whose levels are returned (else none). Everything on `input`'s device.

@@ -288,13 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
   visit_float_type(boxes.scalar_type(), [&](auto tag) {
     using S = typename decltype(tag)::type;
     for (int64_t first = 0; first < images; first += kImagesPerLaunch) {
-      ImageSizes sizes{};
-      sizes.first_image = first;
-      sizes.images = std::min<int64_t>(kImagesPerLaunch, images - first);
-      for (int64_t b = 0; b < sizes.images; ++b) {
-        sizes.height[b] = static_cast<int32_t>(layout.heights[first + b]);
-        sizes.width[b] = static_cast<int32_t>(layout.widths[first + b]);
-      }
+      const ImageSizes sizes = image_sizes_from(layout.heights, layout.widths, first, kImagesPerLaunch);
       launch<clip_kernel<S>>(blocks_for(sizes.images * candidates), kThreads, 0, boxes.data_ptr<S>(), candidates,
                              sizes);
     }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../box_math.h"
 #include "launch.cuh"
@@ -23,6 +24,19 @@ struct ImageSizes {
   int64_t first_image, images;
   int32_t height[kMaxImagesPerLaunch], width[kMaxImagesPerLaunch];
 };
+
+// The sizes of images [first, first + min(count, images - first)) of a batch, as a kernel argument.
+inline ImageSizes image_sizes_from(const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
+                                   int64_t first, int64_t count) {
+  ImageSizes sizes{};
+  sizes.first_image = first;
+  sizes.images = std::min<int64_t>(count, static_cast<int64_t>(heights.size()) - first);
+  for (int64_t b = 0; b < sizes.images; ++b) {
+    sizes.height[b] = static_cast<int32_t>(heights[first + b]);
+    sizes.width[b] = static_cast<int32_t>(widths[first + b]);
+  }
+  return sizes;
+}
 
 // Tensor.clamp(min=0, max=hi): NaN stays NaN.
 template <typename S>

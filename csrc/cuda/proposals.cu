@@ -205,13 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
       using S = typename decltype(box_tag)::type;
       using O = typename decltype(score_tag)::type;
       for (int64_t first = 0; first < images; first += kImagesPerLaunch) {
-        ImageSizes sizes{};
-        sizes.first_image = first;
-        sizes.images = std::min<int64_t>(kImagesPerLaunch, images - first);
-        for (int64_t b = 0; b < sizes.images; ++b) {
-          sizes.height[b] = static_cast<int32_t>(layout.heights[first + b]);
-          sizes.width[b] = static_cast<int32_t>(layout.widths[first + b]);
-        }
+        const ImageSizes sizes = image_sizes_from(layout.heights, layout.widths, first, kImagesPerLaunch);
         launch<clip_filter_kernel<S, O>>(static_cast<unsigned>(ceil_div(sizes.images * per_image, kThreads)),
                                          kThreads, 0, boxes.data_ptr<S>(), scores.data_ptr<O>(), per_image, sizes,
                                          to<S>(min_size), to<O>(score_thresh), valid.data_ptr<bool>());
@@ -235,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_proposals(
     }
   }
   launch<segment_walk_kernel>(static_cast<unsigned>(segments), kThreads, max_col_blocks * 8,
-                              mask_words_ptr, valid.data_ptr<bool>(), nullptr, levels, limit, kept.data_ptr<int64_t>(),
-                              kept_count.data_ptr<int64_t>());
+                              mask_words_ptr, valid.data_ptr<bool>(), nullptr, levels, limit,
+                              kept.data_ptr<int64_t>(), kept_count.data_ptr<int64_t>());
   visit_float_type(boxes.scalar_type(), [&](auto box_tag) {
     visit_float_type(scores.scalar_type(), [&](auto score_tag) {
       using S = typename decltype(box_tag)::type;
