@@ -87,6 +87,10 @@ def anchor_ops(device):
     yield "dense_detections FCOS (centerness, linear coding)", lambda: rpn_ops.dense_detections(
         class_logits, class_deltas.abs(), anchors, centerness=class_logits[..., :1], box_coding="linear",
         **detections)
+    labels = torch.randint(-2, 21, class_logits.shape[:2], generator=g).to(device)
+    yield "dense_focal_loss", lambda: rpn_ops.dense_focal_loss(class_logits, labels)
+    yield "dense_focal_loss backward, float16", lambda: torch.ops.rpn_ops.dense_focal_loss_backward(
+        torch.ones(BATCH, device=device), class_logits.half(), labels, 0.25, 2.0)
 
 
 def main():

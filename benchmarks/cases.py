@@ -30,7 +30,8 @@ class Workload:
     #  "rpn" (torchvision's RegionProposalNetwork, patched or not), "model" (a whole Faster R-CNN, patched or not),
     #  "retinanet" / "fcos" (the model's post-process or training targets, patched or not), "ssd" (an SSD's
     #  post-process, training targets or whole model, patched or not), "dense_detections" (one-stage detections in
-    #  one op against torchvision's postprocess_detections)
+    #  one op against torchvision's postprocess_detections), "focal_loss" (RetinaNet's classification loss and
+    #  its gradient against torchvision's)
     label: str  # what the sizes are, for tables: "20k boxes, max_output=1000"
     params: Dict[str, int]
     make_inputs: Callable[[torch.device], Tuple[torch.Tensor, ...]]
@@ -495,20 +496,30 @@ def dense_ssd_workload(name: str, num_images: int, devices=("cpu", "cuda")) -> W
         ours, theirs, None, size=num_images, size_unit="images", series=name, devices=devices)
 
 
-def retinanet_model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda")
-                             ) -> Workload:
+@lru_cache(maxsize=None)
+def _fused_retinanets(device: torch.device):
+    """torchvision's RetinaNet of _retinanets, and a copy patched with torchvision_tie_order=False (the fused
+    detections and classification loss)."""
+    model = _retinanets(device)[0]
+    return model, rpn_ops.patch_torchvision(copy.deepcopy(model), torchvision_tie_order=False)
+
+
+def retinanet_model_workload(num_images: int, training: bool, num_gt: int = 20, devices=("cpu", "cuda"),
+                             fused: bool = False) -> Workload:
     """The whole retinanet_resnet50_fpn (randomly initialised), patched against as shipped, on 800 x 1216 images:
-    inference, or a training step (forward with ``num_gt`` GT boxes per image and backward)."""
+    inference, or a training step (forward with ``num_gt`` GT boxes per image and backward). ``fused``: patched
+    with torchvision_tie_order=False (its classification loss equals torchvision's within float32 rounding)."""
     mode = "train" if training else "eval"
     height, width = workloads.IMAGE_SIZE
     step = f"training step, forward + backward ({num_gt} GT per image)" if training else "inference"
+    models = _fused_retinanets if fused else _retinanets
     return Workload(
-        f"retinanet-model-{height}x{width}-b{num_images}-{mode}", "retinanet",
-        f"retinanet_resnet50_fpn {step}, {height}x{width}, batch {num_images}",
-        dict(images=num_images, gt=num_gt if training else 0),
-        partial(_model_inputs, num_images, num_gt if training else 0), partial(_run_model, _retinanets, 1, training),
-        partial(_run_model, _retinanets, 0, training), reference=None, size=num_images,
-        size_unit="images (800 x 1216)", series=mode, devices=devices, min_runs=3)
+        f"retinanet-model-{height}x{width}-b{num_images}-{mode}{'-fused' if fused else ''}", "retinanet",
+        f"retinanet_resnet50_fpn {step}{', fused form' if fused else ''}, {height}x{width}, batch {num_images}",
+        dict(images=num_images, gt=num_gt if training else 0, fused_loss=int(fused and training)),
+        partial(_model_inputs, num_images, num_gt if training else 0), partial(_run_model, models, 1, training),
+        partial(_run_model, models, 0, training), reference=None, size=num_images,
+        size_unit="images (800 x 1216)", series=f"{mode}{' fused' if fused else ''}", devices=devices, min_runs=3)
 
 
 def _retinanet_target_inputs(num_images: int, num_gt: int, device):
@@ -535,6 +546,48 @@ def retinanet_targets_workload(num_images: int, num_gt: int) -> Workload:
         f"RetinaNet training targets, {height}x{width}, batch {num_images}, {num_gt} GT each",
         dict(images=num_images, gt=num_gt), partial(_retinanet_target_inputs, num_images, num_gt), ours,
         _torchvision_retinanet_matches, None, size=num_gt, size_unit="GT boxes per image", series="targets")
+
+
+def _focal_loss_inputs(num_images: int, num_gt: int, device):
+    """RetinaNet's classification-loss inputs at 800 x 1216: trained-like [B, A, 91] logits (mostly near the
+    prior's -4.6) that need a gradient, torchvision's Matcher indices for `num_gt` GT boxes per image (foreground,
+    background and between thresholds) and the GT labels."""
+    anchors, targets = _retinanet_target_inputs(num_images, num_gt, device)
+    matched_idxs = _torchvision_retinanet_matches(anchors, targets)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(num_images, len(anchors[0]), 91, generator=generator) * 1.5 - 4.6
+    labels = [torch.randint(1, 91, (num_gt,), generator=generator).to(device) for _ in range(num_images)]
+    targets = [dict(t, labels=l) for t, l in zip(targets, labels)]
+    return logits.to(device).requires_grad_(), targets, matched_idxs
+
+
+def _loss_and_gradient(loss: torch.Tensor, logits: torch.Tensor) -> List[torch.Tensor]:
+    return [loss.detach(), *torch.autograd.grad(loss, logits)]
+
+
+def focal_loss_workload(num_images: int, num_gt: int, devices=("cpu", "cuda")) -> Workload:
+    """torchvision: RetinaNetClassificationHead.compute_loss (a one-hot [A, 91] target, the valid rows' copies and
+    sigmoid_focal_loss's ten ops per image) and its backward; ours: rpn_ops.dense_focal_loss (the patched RetinaNet's
+    loss with torchvision_tie_order=False) and its backward. Equal within float32 rounding (float64 sums)."""
+    from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+    height, width = workloads.IMAGE_SIZE
+
+    def ours(logits, targets, matched_idxs):
+        labels = rpn_ops.anchor_labels(matched_idxs, [t["labels"] for t in targets])
+        per_image = rpn_ops.dense_focal_loss(logits, labels)
+        return _loss_and_gradient((per_image / (labels >= 0).sum(1).clamp(min=1)).sum() / len(targets), logits)
+
+    def theirs(logits, targets, matched_idxs):
+        head = _retinanets(logits.device)[0].head.classification_head
+        return _loss_and_gradient(RetinaNetClassificationHead.compute_loss(head, targets, {"cls_logits": logits},
+                                                                           matched_idxs), logits)
+
+    return Workload(
+        f"focal-loss-retinanet-{height}x{width}-b{num_images}", "focal_loss",
+        f"RetinaNet classification loss + backward, {height}x{width}, batch {num_images}, 91 classes, "
+        f"{num_gt} GT each", dict(images=num_images, gt=num_gt),
+        partial(_focal_loss_inputs, num_images, num_gt), ours, theirs, None, size=num_images,
+        size_unit="images (800 x 1216, FPN)", series="classification loss", devices=devices)
 
 
 @lru_cache(maxsize=None)
@@ -775,8 +828,11 @@ WORKLOADS: List[Workload] = [
     *(_full_only(model_workload(2, training)) for training in (False, True)),
     retinanet_postprocess_workload(2),
     retinanet_targets_workload(2, 50),
+    focal_loss_workload(2, 50),
     *(_full_only(retinanet_model_workload(2, training)) for training in (False, True)),
+    _full_only(retinanet_model_workload(2, True, fused=True)),
     *(retinanet_model_workload(8, training, devices=("cuda",)) for training in (False, True)),
+    retinanet_model_workload(8, True, devices=("cuda",), fused=True),
     fcos_postprocess_workload(2),
     fcos_targets_workload(2, 50),
     ssd_postprocess_workload("ssd300", 2),
@@ -790,6 +846,7 @@ WORKLOADS: List[Workload] = [
     dense_ssd_workload("ssd300", 2),
     dense_ssd_workload("ssdlite320", 2),
     dense_ssd_workload("ssd300", 8, devices=("cuda",)),
+    focal_loss_workload(8, 50, devices=("cuda",)),
     *(model_workload(8, training, devices=("cuda",)) for training in (False, True)),
 ]
 
@@ -807,7 +864,8 @@ def select(ops: Optional[str] = None, quick: bool = False, device: Optional[str]
 
 
 def parity(workload: Workload, ours, theirs, inputs) -> str:
-    """'equal' (torch.equal; NaN equal to NaN; lists element by element), 'equal up to ties' (NMS: same kept
+    """'equal' (torch.equal; NaN equal to NaN; lists element by element), 'equal to float32 rounding' (a loss
+    and its gradient summed in another order), 'equal up to ties' (NMS: same kept
     set, order differs only between equal scores; proposals: the same, per image), or 'MISMATCH'."""
     if isinstance(ours, (list, tuple)):
         if not (isinstance(theirs, (list, tuple)) and len(ours) == len(theirs)):
@@ -818,6 +876,10 @@ def parity(workload: Workload, ours, theirs, inputs) -> str:
             return "equal up to ties"
         if workload.op == "dense_detections" and _same_detections_up_to_ties(ours, theirs):
             return "equal up to ties"
+        if (workload.op == "focal_loss" or workload.params.get("fused_loss")) and all(
+                a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+                for a, b in zip(ours, theirs)):
+            return "equal to float32 rounding"  # float64 sums against float32 ones
         if workload.op == "rpn" and workload.params.get("fused") and all(
                 _equal(a, b) or _same_rows_in_any_order(a, b) for a, b in zip(ours, theirs)):
             return "equal up to ties"  # the RPN returns no scores: proposals compared as sets of rows

@@ -1,7 +1,7 @@
 // Autocast. NMS family and box_iou: float16 / bfloat16 arguments are cast to float32, then the op runs with
 // autocast off. The kernels already compute half precision in float32, so this only matters for mixed inputs
 // (float16 scores with float32 boxes, as an autocast model produces them), which are valid under autocast.
-// Box coding and target assignment: see below.
+// Box coding, target assignment and the focal loss: see below.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include "library.h"
@@ -82,6 +82,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_targets_autocast_cuda(
                  allow_low_quality_matches, weights, /*float32_log=*/true);
 }
 
+// The focal loss runs in float32, as binary_cross_entropy_with_logits does under autocast (on both devices): the
+// loss of float16 / bfloat16 logits is float32, and its gradient flows back through the cast.
+template <c10::DispatchKey key, c10::DeviceType device>
+at::Tensor dense_focal_loss_autocast(const at::Tensor& class_logits, const at::Tensor& anchor_labels, double alpha,
+                                     double gamma) {
+  NoAutocast<key> off;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(RPN_OPS_QUALIFIED("dense_focal_loss"), "")
+                       .typed<decltype(dense_focal_loss_autocast<key, device>)>();
+  return op.call(to_float<device>(class_logits), anchor_labels, alpha, gamma);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCPU, m) {
@@ -89,6 +101,7 @@ TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCPU, m) {
   m.impl("nms", TORCH_FN((nms_autocast<key, c10::DeviceType::CPU>)));
   m.impl("batched_nms", TORCH_FN((batched_nms_autocast<key, c10::DeviceType::CPU>)));
   m.impl("box_iou", TORCH_FN((box_iou_autocast<key, c10::DeviceType::CPU>)));
+  m.impl("dense_focal_loss", TORCH_FN((dense_focal_loss_autocast<key, c10::DeviceType::CPU>)));
 }
 
 TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCUDA, m) {
@@ -99,6 +112,7 @@ TORCH_LIBRARY_IMPL(RPN_OPS_NAMESPACE, AutocastCUDA, m) {
   m.impl("decode_boxes", TORCH_FN(decode_boxes_autocast_cuda));
   m.impl("encode_boxes", TORCH_FN(encode_boxes_autocast_cuda));
   m.impl("assign_targets", TORCH_FN(assign_targets_autocast_cuda));
+  m.impl("dense_focal_loss", TORCH_FN((dense_focal_loss_autocast<key, c10::DeviceType::CUDA>)));
 }
 
 }  // namespace rpn_ops

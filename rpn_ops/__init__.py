@@ -3,6 +3,7 @@ from ._library import build_info, library_path, set_cpu_isa
 from .anchors import AnchorGenerator, cell_anchors
 from .box_coder import BoxCoder
 from .detections import dense_detections, detection_lists
+from .losses import anchor_labels, dense_focal_loss
 from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors, match_fcos
 from .ops import batched_nms, box_iou, decode_boxes, encode_boxes, grid_anchors, nms, score_candidates
 from .proposals import AnchorGrid, generate_proposals
@@ -20,8 +21,8 @@ def __getattr__(name):  # the torchvision patch imports torchvision: loaded on f
 
 __all__ = [
     "AnchorGenerator", "AnchorGrid", "FCOS", "BalancedPositiveNegativeSampler", "BoxCoder", "RegionProposalNetwork", "RetinaNet", "RoIHeads",
-    "SSD", "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "dense_detections",
-    "detection_lists", "encode_boxes",
+    "SSD", "anchor_labels", "assign_targets", "batched_nms", "box_iou", "build_info", "cell_anchors", "decode_boxes", "dense_detections",
+    "dense_focal_loss", "detection_lists", "encode_boxes",
     "generate_proposals", "grid_anchors", "library_path", "match_anchors", "match_fcos", "nms", "patch_torchvision", "patch_torchvision_ops",
     "score_candidates", "set_cpu_isa", "unpatch_torchvision_ops",
 ]

@@ -1,6 +1,7 @@
 """Gradients of the differentiable ops, torchvision's: box_iou (IoU losses), box coding (models that
-backpropagate through decoded boxes or targets), grid_anchors (to the cell anchors) and assign_targets (to the
-ground truth and anchors through the matched boxes and targets). The backward recomputes torchvision's operation
+backpropagate through decoded boxes or targets), grid_anchors (to the cell anchors), assign_targets (to the
+ground truth and anchors through the matched boxes and targets) and dense_focal_loss (its own backward kernel,
+not differentiable again). The others recompute torchvision's operation
 sequence (reference.py) with autograd: exactly torchvision's gradient, at a cost paid only when a gradient is
 needed. The other ops give integer indices, or proposals from detached inputs (see generate_proposals)."""
 from typing import List
@@ -104,6 +105,18 @@ def _score_candidates_backward(ctx, grad_scores, _grad_indices):
     return _gradients_through(kept_scores, ctx.saved_tensors, (), (grad_scores,))[0], None
 
 
+def _focal_setup(ctx, inputs, output):
+    class_logits, anchor_labels, ctx.alpha, ctx.gamma = inputs
+    ctx.save_for_backward(class_logits, anchor_labels)
+
+
+def _focal_backward(ctx, grad_sums):
+    """The loss's analytic gradient, one kernel pass (the loss itself is not recomputed)."""
+    class_logits, anchor_labels = ctx.saved_tensors
+    return (torch.ops.rpn_ops.dense_focal_loss_backward(grad_sums, class_logits, anchor_labels, ctx.alpha, ctx.gamma),
+            None, None, None)
+
+
 torch.library.register_autograd("rpn_ops::box_iou", _box_iou_backward, setup_context=_setup_inputs)
 torch.library.register_autograd("rpn_ops::decode_boxes", _decode_backward, setup_context=_setup_inputs)
 torch.library.register_autograd("rpn_ops::encode_boxes", _encode_backward, setup_context=_setup_inputs)
@@ -111,3 +124,4 @@ torch.library.register_autograd("rpn_ops::grid_anchors", _grid_anchors_backward,
 torch.library.register_autograd("rpn_ops::assign_targets", _assign_backward, setup_context=_assign_setup)
 torch.library.register_autograd("rpn_ops::score_candidates", _score_candidates_backward,
                                 setup_context=_score_candidates_setup)
+torch.library.register_autograd("rpn_ops::dense_focal_loss", _focal_backward, setup_context=_focal_setup)

@@ -169,6 +169,19 @@ def _score_candidates_fake(logits, score_thresh):
     return logits.new_empty((kept,)), logits.new_empty((kept,), dtype=torch.int64)
 
 
+@torch.library.register_fake("rpn_ops::dense_focal_loss")
+def _dense_focal_loss_fake(class_logits, anchor_labels, alpha=0.25, gamma=2.0):
+    torch._check(class_logits.dim() == 3,
+                 lambda: f"dense_focal_loss: class_logits must have shape [images, anchors, classes], got "
+                         f"{tuple(class_logits.shape)}")
+    return class_logits.new_empty((class_logits.shape[0],))
+
+
+@torch.library.register_fake("rpn_ops::dense_focal_loss_backward")
+def _dense_focal_loss_backward_fake(grad, class_logits, anchor_labels, alpha, gamma):
+    return torch.empty_like(class_logits, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("rpn_ops::dense_detections")
 def _dense_detections_fake(class_logits, box_regression, anchors, image_sizes, num_anchors_per_level, score_thresh,
                            topk_candidates, nms_thresh, detections_per_img, weights, bbox_xform_clip, activation,

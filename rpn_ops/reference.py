@@ -260,3 +260,24 @@ def dense_detections(class_logits: Tensor, box_regression: Tensor, anchors: List
         all_scores.append(candidate_scores[keep])
         all_labels.append(labels[keep])
     return all_boxes, all_scores, all_labels
+
+
+def dense_focal_loss(class_logits: Tensor, anchor_labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per image, torchvision's sigmoid_focal_loss(reduction="sum") over the anchors not ignored (label -2), with the
+    one-hot target of RetinaNet's classification loss (label c >= 0: 1 at class c; -1: all 0), as its steps compute
+    it: differentiable, in the logits' dtype. Returns [B]."""
+    sums = []
+    for logits, labels in zip(class_logits, anchor_labels):
+        target = torch.zeros_like(logits)
+        foreground = labels >= 0
+        target[foreground, labels[foreground]] = 1.0
+        valid = labels != -2
+        inputs, targets = logits[valid], target[valid]
+        p = torch.sigmoid(inputs)
+        ce_loss = torch.nn.functional.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+        p_t = p * targets + (1 - p) * (1 - targets)
+        loss = ce_loss * ((1 - p_t) ** gamma)
+        if alpha >= 0:
+            loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+        sums.append(loss.sum())
+    return torch.stack(sums) if sums else class_logits.new_zeros((0,))

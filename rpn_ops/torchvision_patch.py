@@ -28,6 +28,7 @@ from . import _portable
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .detections import dense_detections
+from .losses import IGNORED, anchor_labels, dense_focal_loss
 from .matching import BalancedPositiveNegativeSampler, assign_targets, match_anchors, match_fcos
 from .ops import batched_nms, box_iou, nms, score_candidates
 from .proposals import proposal_lists
@@ -377,9 +378,10 @@ class RetinaNet(tv_retinanet.RetinaNet):
 
     With ``torchvision_tie_order = True`` (the default) rpn_ops' NMS runs inside the calls torchvision's
     ``batched_nms`` makes around its own: the detections torchvision returns, in its order even among equal
-    scores. With ``False``, one :func:`rpn_ops.batched_nms` call with early exit at ``detections_per_img``: the
-    same detections, equal scores in index order. The regression head keeps torchvision's box coder: its loss
-    backpropagates through it."""
+    scores. With ``False``, one :func:`rpn_ops.dense_detections` call for the batch: the same detections, equal
+    scores in a fixed order; and the classification loss from one :func:`rpn_ops.dense_focal_loss` call (no one-hot
+    target), equal to torchvision's within float32 rounding (float64 sums instead of float32 ones). The regression
+    head keeps torchvision's box coder: its loss backpropagates through it."""
 
     __annotations__ = {"box_coder": BoxCoder, "proposal_matcher": tv_det_utils.Matcher}
     torchvision_tie_order = True
@@ -389,8 +391,32 @@ class RetinaNet(tv_retinanet.RetinaNet):
         if not torch.jit.is_scripting():
             if type(self.proposal_matcher) is not tv_det_utils.Matcher:  # another rule than Matcher's: torchvision's
                 return tv_retinanet.RetinaNet.compute_loss(self, targets, head_outputs, anchors)
-        return self.head.compute_loss(targets, head_outputs, anchors,
-                                      _matched_idxs(anchors, targets, self.proposal_matcher))
+        matched_idxs = _matched_idxs(anchors, targets, self.proposal_matcher)
+        if not torch.jit.is_scripting():
+            if self._fused_loss():
+                return {"classification": self._focal_loss(targets, head_outputs, matched_idxs),
+                        "bbox_regression": self.head.regression_head.compute_loss(targets, head_outputs, anchors,
+                                                                                  matched_idxs)}
+        return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+    @torch.jit.unused
+    def _fused_loss(self) -> bool:
+        """Whether the classification loss may come from rpn_ops.dense_focal_loss: the fast form asked for, on
+        torchvision's classification head (not a subclass, whose loss may differ), not traced or exported."""
+        head = self.head.classification_head
+        return (not self.torchvision_tie_order and type(head) is tv_retinanet.RetinaNetClassificationHead
+                and head.BETWEEN_THRESHOLDS == IGNORED and not torch.jit.is_tracing()
+                and not _portable.exporting_to_onnx())
+
+    @torch.jit.unused
+    def _focal_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+                    matched_idxs: List[Tensor]) -> Tensor:
+        """RetinaNetClassificationHead.compute_loss with one dense_focal_loss call for the batch: per image, the focal
+        loss summed over the anchors not between thresholds, divided by its foreground count (at least 1); then the
+        mean over images."""
+        labels = anchor_labels(matched_idxs, [t["labels"] for t in targets])
+        per_image = dense_focal_loss(head_outputs["cls_logits"], labels)
+        return (per_image / (labels >= 0).sum(1).clamp(min=1)).sum() / len(targets)
 
     def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]], anchors: List[List[Tensor]],
                                image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
@@ -694,7 +720,8 @@ def patch_torchvision(model: nn.Module, torchvision_tie_order: bool = True) -> n
             unpatched model's to the bit, the order of equal scores included. ``False``: the fastest form (one
             fused proposal call per batch, NMS with early exit); the same results except where objectness logits
             or detection scores tie exactly, where rpn_ops' deterministic order replaces torchvision's
-            unspecified one (see :class:`RegionProposalNetwork`).
+            unspecified one (see :class:`RegionProposalNetwork`), and RetinaNet's classification loss, a fused
+            focal loss equal to torchvision's within float32 rounding.
 
     Raises:
         TypeError: ``model`` is neither a RetinaNet, FCOS or SSD nor a module whose ``rpn`` is torchvision's

@@ -25,6 +25,7 @@ def every_op(seed, device="cpu", small=False):
     targets_for = gt[torch.arange(len(anchors[0]), device=device) % len(gt)]
     num_anchors_per_level = [f.shape[-2] * f.shape[-1] * 3 for f in features]
     class_logits = workloads.box_deltas(2 * len(anchors[0]), 5, seed=seed, scale=3.0, device=device).view(2, -1, 20)
+    labels = torch.arange(class_logits.shape[1], device=device).remainder(22).sub(2).expand(2, -1)
     detections = rpn_ops.dense_detections(class_logits - 3.0, codes[:, :4].expand(2, -1, -1), anchors,
                                           images.image_sizes, num_anchors_per_level, padded=True)
     return {
@@ -43,6 +44,9 @@ def every_op(seed, device="cpu", small=False):
             workloads.box_deltas(2 * len(anchors[0]), 1, seed=seed, device=device)[:, :1], codes.reshape(-1, 4),
             anchors, images.image_sizes, num_anchors_per_level, 500, 300))},
         **{f"dense_detections {i}": output for i, output in enumerate(detections)},
+        "dense_focal_loss": rpn_ops.dense_focal_loss(class_logits, labels),
+        "dense_focal_loss backward": torch.ops.rpn_ops.dense_focal_loss_backward(
+            torch.tensor([1.0, 0.5], device=device), class_logits, labels, 0.25, 2.0),
     }
 
 

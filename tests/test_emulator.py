@@ -147,6 +147,9 @@ def every_op_once():
                              num_anchors_per_level, padded=True, activation="softmax", topk_per="class")
     rpn_ops.dense_detections(class_logits, box_regression.abs(), anchors, images.image_sizes, num_anchors_per_level,
                              centerness=class_logits[..., 0], box_coding="linear")
+    labels = torch.randint(-2, 5, class_logits.shape[:2], generator=torch.Generator().manual_seed(6))
+    rpn_ops.dense_focal_loss(class_logits, labels)
+    torch.ops.rpn_ops.dense_focal_loss_backward(torch.tensor([1.0, 0.5]), class_logits.half(), labels, -1.0, 1.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -14,7 +14,7 @@ from torchvision.ops import boxes as box_ops
 import emulator
 import rpn_ops
 from helpers import emulated
-from rpn_ops import workloads
+from rpn_ops import torchvision_patch, workloads
 from rpn_ops.torchvision_patch import _matched_idxs
 from test_torchvision_patch import (_images, _targets, assert_equal_detections, assert_equal_losses,
                                     assert_same_detections_up_to_ties)
@@ -83,6 +83,38 @@ def test_training_losses_and_gradients_are_torchvisions(device, version):
         net.backbone.body.requires_grad_(False)
     assert_same_training_steps(model, patched, _images(device, sizes=((160, 220), (150, 200))),
                                [(3, 12), (0, 5), (0, 0), (50, 50)], device)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_fused_form_gives_the_classification_loss_within_float32_rounding(device, version, monkeypatch):
+    """torchvision_tie_order=False: rpn_ops.dense_focal_loss's float64 sums (one call per step) against torchvision's
+    float32 ones, for the classification loss and the classification head's gradients; the regression loss and its
+    head's gradients to the bit."""
+    calls = []
+    monkeypatch.setattr(torchvision_patch, "dense_focal_loss",
+                        lambda *args: calls.append(args) or rpn_ops.dense_focal_loss(*args))
+    model, patched = _pair(version, device, torchvision_tie_order=False)
+    model.train(), patched.train()
+    for net in (model, patched):
+        net.backbone.body.requires_grad_(False)
+    images = _images(device, sizes=((160, 220), (150, 200)))
+    for counts in [(3, 12), (0, 5), (0, 0), (50, 50)]:
+        targets = _targets(counts, device, image_size=(150, 200))
+        for net in (model, patched):
+            net.zero_grad()
+        expected, got = model(images, targets), patched(images, targets)
+        assert torch.equal(expected["bbox_regression"], got["bbox_regression"]), counts
+        torch.testing.assert_close(got["classification"], expected["classification"], rtol=2e-6, atol=0)
+        sum(expected.values()).backward()
+        sum(got.values()).backward()
+        theirs, ours = dict(model.named_parameters()), dict(patched.named_parameters())
+        for n in [n for n in theirs if n.startswith("head.") and theirs[n].grad is not None]:
+            if n.startswith("head.regression_head."):
+                assert torch.equal(theirs[n].grad, ours[n].grad), (counts, n)
+            else:
+                scale = theirs[n].grad.abs().max()
+                torch.testing.assert_close(ours[n].grad, theirs[n].grad, rtol=1e-4, atol=1e-5 * scale)
+    assert len(calls) == 4
 
 
 def assert_same_training_steps(model, patched, images, counts_per_step, device):

@@ -115,3 +115,25 @@ def test_patched_one_stage_detectors_export_to_onnx_as_torchvisions_do(name, tmp
         assert len(expected["boxes"]) > 50
         boxes, scores, labels = run_onnx(session, images[0])
         assert_onnx_detections((boxes, labels, scores), expected)
+
+
+class FocalLoss(nn.Module):
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return rpn_ops.dense_focal_loss(logits, labels)
+
+
+class DenseDetections(nn.Module):
+    def forward(self, logits: Tensor, deltas: Tensor, anchors: Tensor) -> Tensor:
+        return rpn_ops.dense_detections(logits, deltas, anchors, [(64, 64)], [anchors.shape[0]])[0][0]
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_ops_without_an_onnx_form_say_so(dynamo, tmp_path):
+    """dense_focal_loss (a training loss) and dense_detections (the patched models export torchvision's steps)."""
+    g = torch.Generator().manual_seed(7)
+    logits, labels = torch.randn(1, 20, 3, generator=g), torch.randint(-2, 3, (1, 20), generator=g)
+    deltas, anchors = 0.1 * torch.randn(1, 20, 4, generator=g), workloads.gt_boxes(20, seed=7)
+    for module, inputs, name in ((FocalLoss(), (logits, labels), "dense_focal_loss"),
+                                 (DenseDetections(), (logits, deltas, anchors), "dense_detections")):
+        with pytest.raises(Exception, match=f"{name} has no ONNX form"):
+            torch.onnx.export(module, inputs, str(tmp_path / "op.onnx"), dynamo=dynamo)

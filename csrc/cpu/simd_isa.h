@@ -35,6 +35,7 @@ RPN_PRAGMA(GCC target(RPN_ISA_TARGET))
 #endif
 
 #include "../box_math.h"
+#include "../focal_math.h"
 
 namespace rpn_ops::cpu::RPN_ISA {
 constexpr int kVectorBytes = RPN_VECTOR_BYTES;
@@ -43,6 +44,7 @@ constexpr int kVectorBytes = RPN_VECTOR_BYTES;
 #include "box_iou_impl.h"
 #include "match_impl.h"
 #include "score_impl.h"
+#include "focal_impl.h"
 }  // namespace rpn_ops::cpu::RPN_ISA
 
 #if defined(RPN_ISA_TARGET) && defined(__clang__)

@@ -110,6 +110,14 @@ struct Kernels {
   IndicesAbove<T> indices_above;
 };
 
+// The focal loss of negative targets over `count` float32 logits (dense_focal_loss, cpu/focal_loss.cpp): their
+// float64 sum, or their gradients times `scale`.
+constexpr int64_t kFocalSumLanes = 16;  // accumulators: a multiple of every instruction set's float lanes
+struct FocalKernels {
+  double (*negative_sum)(const float* x, int64_t count, float alpha, float gamma);
+  void (*negative_gradients)(const float* x, int64_t count, float scale, float alpha, float gamma, float* out);
+};
+
 #define RPN_DECLARE_KERNELS(isa)                                                                            \
   namespace isa {                                                                                           \
   template <typename T>                                                                                     \
@@ -124,6 +132,9 @@ struct Kernels {
   void match_flag(const ColumnBoxes<T>& anchors, const T* gt, T target, uint8_t* flags);                   \
   template <typename T>                                                                                     \
   void indices_above(const T* values, int64_t begin, int64_t end, T lower, std::vector<int64_t>& out);      \
+  double focal_negative_sum(const float* x, int64_t count, float alpha, float gamma);                      \
+  void focal_negative_gradients(const float* x, int64_t count, float scale, float alpha, float gamma,       \
+                                float* out);                                                                \
   }
 RPN_DECLARE_KERNELS(baseline)
 RPN_DECLARE_KERNELS(avx2)
@@ -144,6 +155,14 @@ Kernels<T> kernels_for(Isa isa) {
 #endif
   return {&baseline::greedy_nms<T>, &baseline::iou_rows<T>, &baseline::match_update<T>, &baseline::match_flag<T>,
           &baseline::indices_above<T>};
+}
+
+inline FocalKernels focal_kernels_for(Isa isa) {
+#if defined(RPN_OPS_X86_ISAS)
+  if (isa == Isa::avx512) return {&avx512::focal_negative_sum, &avx512::focal_negative_gradients};
+  if (isa == Isa::avx2) return {&avx2::focal_negative_sum, &avx2::focal_negative_gradients};
+#endif
+  return {&baseline::focal_negative_sum, &baseline::focal_negative_gradients};
 }
 
 }  // namespace rpn_ops::cpu
