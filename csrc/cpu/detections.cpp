@@ -1,7 +1,8 @@
 // dense_detections on the CPU (what it computes: ../detections.h), image by image:
-//  1. candidates: sigmoid scores above the threshold by score_candidates, level by level (its scan skips the logits
-//     that cannot pass and gives torch.sigmoid's bits for that level's tensor, as torchvision computes them; FCOS's
-//     scores from those above the square of the threshold); softmax scores by PyTorch's softmax, then one scan;
+//  1. candidates: sigmoid scores above the threshold by one scan of every level of every image (segment_candidates:
+//     it skips the logits that cannot pass and gives torch.sigmoid's bits for each level's tensor, as torchvision
+//     computes them); FCOS's scores level by level, from the class scores above the square of the threshold;
+//     softmax scores by PyTorch's softmax, then one scan;
 //  2. each group's best topk_candidates by a partial sort (nth_element, then a sort of those kept);
 //  3. decode of the kept candidates only (the decode_boxes kernel, or decode_linear), clip, then batched NMS that
 //     stops at detections_per_img.
@@ -19,6 +20,7 @@
 #include "../dispatch.h"
 #include "nms.h"
 #include "parallel.h"
+#include "score_scan.h"
 
 namespace rpn_ops::cpu {
 namespace {
@@ -81,10 +83,11 @@ std::vector<std::pair<double, int64_t>> centered_candidates(const at::Tensor& lo
 
 // One image's candidates by group (levels or classes), each in position order. `logits`: the image's [A, C]
 // class logits; `probabilities`: its softmax, for that activation; `centerness`: its [A] centerness logits, for
-// FCOS's scores.
+// FCOS's scores; `level_scores`: for sigmoid scores, each level's score_candidates (segment_candidates).
 std::vector<std::vector<Candidate>> image_candidates(const at::Tensor& logits, const at::Tensor& probabilities,
-                                                     const at::Tensor& centerness, const DetectionLayout& layout,
-                                                     double score_thresh) {
+                                                     const at::Tensor& centerness,
+                                                     const std::tuple<at::Tensor, at::Tensor>* level_scores,
+                                                     const DetectionLayout& layout, double score_thresh) {
   const int64_t classes = layout.classes, first_class = layout.first_class();
   std::vector<std::vector<Candidate>> groups(layout.groups());
   auto add = [&](int64_t level, double score, int64_t flat) {
@@ -108,8 +111,7 @@ std::vector<std::vector<Candidate>> image_candidates(const at::Tensor& logits, c
       continue;
     }
     if (layout.activation == Activation::kSigmoid) {
-      const at::Tensor level_logits = logits.narrow(0, layout.first_anchor[l], layout.level_anchors[l]);
-      const auto [scores, indices] = level_candidates(level_logits, score_thresh);
+      const auto& [scores, indices] = level_scores[l];
       const at::Tensor values = scores.to(at::kDouble);
       for (int64_t j = 0; j < indices.numel(); ++j) {
         add(l, values.data_ptr<double>()[j], first_flat + indices.data_ptr<int64_t>()[j]);
@@ -216,20 +218,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_detections(
   // torchvision: F.softmax of each image's [A, C] logits; row by row, so the batch's softmax has the same bits.
   const at::Tensor probabilities =
       layout.activation == Activation::kSoftmax ? at::softmax(logits, -1) : at::Tensor();
-  // Sigmoid candidates: score_candidates shares each level's scan among the threads, image after image. Then the
-  // images in parallel: softmax candidates, top-k, decode, NMS.
+  // Sigmoid candidates: one scan of every image's levels shared among the threads (segment_candidates), then each
+  // level's scores by its own torch.sigmoid paths; FCOS's level by level. Then the images in parallel: their
+  // candidates (for FCOS found before), top-k, decode, NMS.
   const at::Tensor center_logits = layout.centered ? centerness_logits(*centerness) : at::Tensor();
+  std::vector<std::tuple<at::Tensor, at::Tensor>> level_scores;
+  if (layout.activation == Activation::kSigmoid && !layout.centered) {
+    std::vector<int64_t> starts;
+    for (int64_t b = 0; b < layout.images; ++b) {
+      for (int64_t l = 0; l < layout.levels(); ++l) {
+        starts.push_back((b * layout.anchors + layout.first_anchor[l]) * layout.classes);
+      }
+    }
+    level_scores = segment_candidates(logits.view(-1), starts, score_thresh);
+  }
   std::vector<std::vector<std::vector<Candidate>>> groups(layout.images);
   auto candidates_of = [&](int64_t b) {
     groups[b] = image_candidates(logits[b], probabilities.defined() ? probabilities[b] : at::Tensor(),
-                                 layout.centered ? center_logits[b] : at::Tensor(), layout, score_thresh);
+                                 layout.centered ? center_logits[b] : at::Tensor(),
+                                 level_scores.empty() ? nullptr : &level_scores[b * layout.levels()], layout,
+                                 score_thresh);
   };
-  if (layout.activation == Activation::kSigmoid) {
+  const bool scans_per_image = layout.centered;  // FCOS's scan of each level shares its work among the threads
+  if (scans_per_image) {
     for (int64_t b = 0; b < layout.images; ++b) candidates_of(b);
   }
   parallel_for(layout.images, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      if (layout.activation == Activation::kSoftmax) candidates_of(b);
+      if (!scans_per_image) candidates_of(b);
       std::vector<Candidate> kept;
       for (int64_t g = 0; g < layout.groups(); ++g) {
         keep_best(groups[b][g], layout.group_limit(g));

@@ -14,6 +14,7 @@
 
 #include "../score_candidates.h"
 #include "parallel.h"
+#include "score_scan.h"
 #include "simd_kernels.h"
 
 namespace rpn_ops::cpu {
@@ -27,9 +28,20 @@ namespace {
 struct SigmoidPaths {
   int64_t numel, chunk, unroll;
 
-  bool scalar(int64_t i) const {
-    const int64_t begin = i / chunk * chunk, size = std::min(numel, begin + chunk) - begin;
-    return i - begin >= size - size % unroll;
+  // Per index (ascending), whether it takes the scalar path: past the last whole unrolled block of its chunk.
+  std::vector<uint8_t> scalar(const int64_t* indices, int64_t count) const {
+    std::vector<uint8_t> flags(count);
+    int64_t chunk_end = 0, vector_end = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = indices[j];
+      if (i >= chunk_end) {
+        const int64_t begin = i / chunk * chunk;
+        chunk_end = std::min(numel, begin + chunk);
+        vector_end = chunk_end - (chunk_end - begin) % unroll;
+      }
+      flags[j] = i >= vector_end;
+    }
+    return flags;
   }
 };
 
@@ -93,45 +105,84 @@ at::Tensor scalar_sigmoid(const at::Tensor& values) {
   return at::sigmoid(strided);
 }
 
+// The scores above the threshold among `candidates` (indices into x[0, paths.numel), ascending), each computed as
+// torch.sigmoid of those logits computes it there: (scores, indices).
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> kept_scores(const scalar_t* x, const SigmoidPaths& paths, const int64_t* candidates,
+                                               int64_t count, double score_thresh, const at::TensorOptions& options) {
+  const std::vector<uint8_t> on_scalar_path = paths.scalar(candidates, count);
+  std::vector<scalar_t> vector_values, scalar_values;
+  for (int64_t j = 0; j < count; ++j) (on_scalar_path[j] ? scalar_values : vector_values).push_back(x[candidates[j]]);
+  const at::Tensor vector_scores =
+      vector_sigmoid(at::from_blob(vector_values.data(), {static_cast<int64_t>(vector_values.size())}, options));
+  const at::Tensor scalar_scores =
+      scalar_sigmoid(at::from_blob(scalar_values.data(), {static_cast<int64_t>(scalar_values.size())}, options));
+  // In index order again, keeping the scores above the threshold (compared in scalar_t, as torch compares).
+  at::Tensor scores = at::empty({count}, options);
+  at::Tensor indices = at::empty({count}, options.dtype(at::kLong));
+  scalar_t* s = scores.data_ptr<scalar_t>();
+  int64_t* idx = indices.data_ptr<int64_t>();
+  const scalar_t* vector_next = vector_scores.data_ptr<scalar_t>();
+  const scalar_t* scalar_next = scalar_scores.data_ptr<scalar_t>();
+  const scalar_t threshold = static_cast<scalar_t>(score_thresh);
+  int64_t kept = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const scalar_t score = on_scalar_path[j] ? *scalar_next++ : *vector_next++;
+    if (score > threshold) {
+      s[kept] = score;
+      idx[kept++] = candidates[j];
+    }
+  }
+  return std::make_tuple(scores.narrow(0, 0, kept), indices.narrow(0, 0, kept));
+}
+
 std::tuple<at::Tensor, at::Tensor> score_candidates(const at::Tensor& logits, double score_thresh) {
   check_score_candidates_input(logits, score_thresh);
-  const CandidateBound bound = candidate_bound(logits.scalar_type(), score_thresh);
-  const std::optional<int64_t> unroll = vector_unroll(logits.scalar_type());
-  if (!bound.fast || !unroll) return score_candidates_by_sigmoid(logits, score_thresh);
-  const at::Tensor flat = logits.contiguous().view(-1);
-  const SigmoidPaths paths = sigmoid_paths(flat.numel(), *unroll);
-  return AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "rpn_ops_score_candidates", [&] {
-    const scalar_t* x = flat.data_ptr<scalar_t>();
-    const std::vector<int64_t> candidates =
-        indices_above<scalar_t>(x, flat.numel(), static_cast<scalar_t>(bound.lower));
-    std::vector<scalar_t> vector_values, scalar_values;
-    for (const int64_t i : candidates) (paths.scalar(i) ? scalar_values : vector_values).push_back(x[i]);
-    const auto options = flat.options();
-    const at::Tensor vector_scores =
-        vector_sigmoid(at::from_blob(vector_values.data(), {static_cast<int64_t>(vector_values.size())}, options));
-    const at::Tensor scalar_scores =
-        scalar_sigmoid(at::from_blob(scalar_values.data(), {static_cast<int64_t>(scalar_values.size())}, options));
-    // In index order again, keeping the scores above the threshold (compared in scalar_t, as torch compares).
-    at::Tensor scores = at::empty({static_cast<int64_t>(candidates.size())}, options);
-    at::Tensor indices = at::empty({static_cast<int64_t>(candidates.size())}, options.dtype(at::kLong));
-    scalar_t* s = scores.data_ptr<scalar_t>();
-    int64_t* idx = indices.data_ptr<int64_t>();
-    const scalar_t* vector_next = vector_scores.data_ptr<scalar_t>();
-    const scalar_t* scalar_next = scalar_scores.data_ptr<scalar_t>();
-    const scalar_t threshold = static_cast<scalar_t>(score_thresh);
-    int64_t kept = 0;
-    for (const int64_t i : candidates) {
-      const scalar_t score = paths.scalar(i) ? *scalar_next++ : *vector_next++;
-      if (score > threshold) {
-        s[kept] = score;
-        idx[kept++] = i;
-      }
-    }
-    return std::make_tuple(scores.narrow(0, 0, kept), indices.narrow(0, 0, kept));
-  });
+  return segment_candidates(logits.contiguous().view(-1), {0}, score_thresh)[0];
 }
 
 }  // namespace
+
+std::vector<std::tuple<at::Tensor, at::Tensor>> segment_candidates(const at::Tensor& flat,
+                                                                   const std::vector<int64_t>& starts,
+                                                                   double score_thresh) {
+  const int64_t segments = static_cast<int64_t>(starts.size());
+  const auto end_of = [&](int64_t i) { return i + 1 < segments ? starts[i + 1] : flat.numel(); };
+  std::vector<std::tuple<at::Tensor, at::Tensor>> results;
+  const CandidateBound bound = candidate_bound(flat.scalar_type(), score_thresh);
+  const std::optional<int64_t> unroll = vector_unroll(flat.scalar_type());
+  if (!bound.fast || !unroll) {
+    for (int64_t i = 0; i < segments; ++i) {
+      results.push_back(score_candidates_by_sigmoid(flat.narrow(0, starts[i], end_of(i) - starts[i]), score_thresh));
+    }
+    return results;
+  }
+  results.resize(segments);
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "rpn_ops_score_candidates", [&] {
+    const scalar_t* x = flat.data_ptr<scalar_t>();
+    std::vector<int64_t> candidates = indices_above<scalar_t>(x, flat.numel(), static_cast<scalar_t>(bound.lower));
+    // Each segment's candidates, as indices within it, and the paths torch.sigmoid of it alone would take
+    // (decided here, outside the parallel region below, as for a call of its own).
+    std::vector<int64_t> first(segments + 1, 0);
+    std::vector<SigmoidPaths> paths;
+    int64_t next = 0;
+    for (int64_t i = 0; i < segments; ++i) {
+      first[i] = next;
+      for (; next < static_cast<int64_t>(candidates.size()) && candidates[next] < end_of(i); ++next) {
+        candidates[next] -= starts[i];
+      }
+      paths.push_back(sigmoid_paths(end_of(i) - starts[i], *unroll));
+    }
+    first[segments] = next;
+    parallel_for(segments, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        results[i] = kept_scores<scalar_t>(x + starts[i], paths[i], candidates.data() + first[i],
+                                           first[i + 1] - first[i], score_thresh, flat.options());
+      }
+    });
+  });
+  return results;
+}
 
 TORCH_LIBRARY_IMPL(rpn_ops, CPU, m) {
   m.impl("score_candidates", TORCH_FN(score_candidates));
