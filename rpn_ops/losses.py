@@ -8,7 +8,6 @@ from torch import Tensor
 from . import _autograd, _meta, _portable  # noqa: F401  (the gradient and the fake kernel torch.compile uses)
 from .ops import _number
 
-BACKGROUND = -1
 IGNORED = -2  # torchvision's Matcher.BETWEEN_THRESHOLDS
 
 
